@@ -1,0 +1,399 @@
+"""The PeRFlow scheduler (piecewise rectified flow) as pure JAX functions.
+
+PeRFlow splits the time axis [t_clean, t_noise] into K windows and treats the model as a velocity field that
+is straight inside each window: from t_c the sample moves along ``v`` to the next time point. For the
+ε-parameterised models the velocity comes from the predicted window end
+``x_e = λ_t·x_t + η_t·ε`` as ``v = (x_e − x_t)/(t_e − t_c)``.
+
+Numerics follow the PyTorch reference (magic-research/piecewise-rectified-flow, ``src/scheduler_perflow.py``)
+exactly, including its quirks, which are the contract here:
+
+* **Windows.** Window starts are ``i/K`` for i = K..1 and the ends are the next start and ``t_clean``
+  last. The reference ignores ``t_noise`` here, so ``t_noise`` must be 1.0 (other values are rejected
+  rather than silently ignored).
+* **Timesteps.** Steps are spread over windows with the extra ``n mod K`` steps going to the noisiest
+  windows; inside a window ``np.linspace(t_s, t_e, m, endpoint=False)`` in float64, then ``t·T`` is
+  truncated to an integer. ``num_inference_steps < K`` is raised to K with a warning.
+* **Window lookup.** A time point belongs to the first window whose end is below ``t − 0.1/T`` (so a
+  point exactly on a window start belongs to the window that starts there), compared in float32.
+  The reference fails with an IndexError at exactly ``t_clean``; here ``t_clean`` maps to the last window.
+* **ᾱ at the bounds.** ᾱ_s = ᾱ[trunc(t_s·T − 1)] and ᾱ_e = ᾱ[max(trunc(t_e·T − 1), 0)], so the last window
+  ends at ᾱ[0], not at 1.
+* **dt** is (next timestep − timestep)/T, and (0 − timestep)/T after the last step.
+* **add_noise** indexes ᾱ one-based: ᾱ[t − 1] for integer t in [1, T].
+
+All math is float32 whatever the sample dtype; outputs come back in the sample's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from perflow_jax.schedulers import common
+
+PREDICTION_TYPES = ("ddim_eps", "diff_eps", "velocity")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeRFlowConfig:
+    """PeRFlow settings, field for field the reference ``PeRFlowScheduler``'s (same defaults)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    trained_betas: tuple[float, ...] | None = None
+    set_alpha_to_one: bool = False
+    prediction_type: str = "ddim_eps"
+    t_noise: float = 1.0
+    t_clean: float = 0.0
+    num_time_windows: int = 4
+
+    def __post_init__(self) -> None:
+        if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
+            object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
+        common.check_beta_config(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule,
+                                 self.trained_betas)
+        common.check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        common.check_positive_int("num_time_windows", self.num_time_windows)
+        if self.t_noise != 1.0:
+            raise ValueError(
+                f"t_noise={self.t_noise} is not supported: the reference PeRFlow scheduler builds its windows "
+                "from i/K and ignores t_noise, so any value but 1.0 would silently not mean what it says."
+            )
+        if not 0.0 <= self.t_clean < self.t_noise:
+            raise ValueError(f"Need 0 <= t_clean < t_noise, got t_clean={self.t_clean}, t_noise={self.t_noise}.")
+        if self.t_clean >= 1.0 / self.num_time_windows:
+            raise ValueError(
+                f"t_clean={self.t_clean} must lie below the last window start 1/K = {1 / self.num_time_windows}."
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PeRFlowConfig:
+        """From a diffusers ``scheduler_config.json`` dict; unknown keys are ignored."""
+        return common.config_from_dict(cls, d)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> PeRFlowConfig:
+        """From a ``scheduler_config.json`` file (or the folder holding one)."""
+        return common.config_from_json(cls, path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A dict the PyTorch ``PeRFlowScheduler.from_config`` reads."""
+        return common.config_to_dict(self, "PeRFlowScheduler")
+
+    @property
+    def window_starts(self) -> tuple[float, ...]:
+        k = self.num_time_windows
+        return tuple(1.0 * i / k for i in range(k, 0, -1))
+
+    @property
+    def window_ends(self) -> tuple[float, ...]:
+        return self.window_starts[1:] + (float(self.t_clean),)
+
+
+@functools.lru_cache(maxsize=64)
+def _alphas_cumprod64(config: PeRFlowConfig) -> np.ndarray:
+    betas = common.make_betas(config.num_train_timesteps, config.beta_start, config.beta_end,
+                              config.beta_schedule, config.trained_betas)
+    return common.alphas_cumprod(betas)
+
+
+def _alphas_cumprod(config: PeRFlowConfig) -> np.ndarray:
+    return _alphas_cumprod64(config).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_tables(config: PeRFlowConfig) -> tuple[np.ndarray, np.ndarray]:
+    """sqrt(ᾱ) and sqrt(1 − ᾱ) rounded once from float64 (1 − ᾱ cancels badly in float32 near t = 1)."""
+    ac = _alphas_cumprod64(config)
+    return np.sqrt(ac).astype(np.float32), np.sqrt(1.0 - ac).astype(np.float32)
+
+
+@struct.dataclass
+class PeRFlowState:
+    """Precomputed per-step arrays for one ``num_inference_steps`` (all shape (n,) but ``alphas_cumprod``).
+
+    Attributes:
+      alphas_cumprod: ᾱ table, (T,) float32.
+      timesteps: integer model timesteps, exactly the reference's, (n,) int32.
+      timepoints: t_c = timestep / T (float32).
+      next_timepoints: the next step's time point, 0 after the last.
+      dt: (next timestep − timestep) / T (negative: time runs from noise to clean).
+      window_start, window_end: t_s and t_e of each step's window.
+      lambda_t, eta_t: window coefficients with predicted window end x_e = λ_t·x + η_t·ε.
+    """
+
+    alphas_cumprod: jax.Array
+    timesteps: jax.Array
+    timepoints: jax.Array
+    next_timepoints: jax.Array
+    dt: jax.Array
+    window_start: jax.Array
+    window_end: jax.Array
+    lambda_t: jax.Array
+    eta_t: jax.Array
+
+    @property
+    def num_inference_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+
+class Window(NamedTuple):
+    """A time point's window: bounds, ᾱ at the bounds and γ = sqrt(ᾱ_s / ᾱ_e) (arrays shaped like t)."""
+
+    start: jax.Array
+    end: jax.Array
+    alpha_cumprod_start: jax.Array
+    alpha_cumprod_end: jax.Array
+    gamma: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Windows
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def window_bounds(config: PeRFlowConfig, t: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array]:
+    """(t_s, t_e) of the window holding each time point in `t` (any shape, float32, vectorised).
+
+    Time points outside [t_clean, t_noise] raise ValueError when `t` is concrete; under ``jit`` they
+    give NaN bounds.
+    """
+    t = jnp.asarray(t, jnp.float32)
+    tol = np.float32(0.1 / config.num_train_timesteps)
+    in_range = (t >= np.float32(config.t_clean)) & (t <= np.float32(config.t_noise) + tol)
+    if _is_concrete(t) and not bool(jnp.all(in_range)):
+        bad = np.asarray(t)[~np.asarray(in_range)]
+        raise ValueError(
+            f"Time points must lie in [t_clean, t_noise] = [{config.t_clean}, {config.t_noise}]; "
+            f"got {bad[:8].tolist()}."
+        )
+    starts = jnp.asarray(config.window_starts, jnp.float32)
+    ends = jnp.asarray(config.window_ends, jnp.float32)
+    # Ends decrease, so the reference's `while t - tol <= ends[idx]: idx += 1` stops at this count.
+    idx = jnp.sum((t[..., None] - tol) <= ends, axis=-1)
+    idx = jnp.minimum(idx, config.num_time_windows - 1)
+    nan = jnp.float32(jnp.nan)
+    return jnp.where(in_range, starts[idx], nan), jnp.where(in_range, ends[idx], nan)
+
+
+def window_alpha(config: PeRFlowConfig, t: jax.typing.ArrayLike) -> Window:
+    """The window of each time point with ᾱ at its bounds (the reference's ``get_window_alpha``)."""
+    t_s, t_e = window_bounds(config, t)
+    ac = jnp.asarray(_alphas_cumprod(config))
+    n_train = np.float32(config.num_train_timesteps)
+    last = config.num_train_timesteps - 1
+    idx_s = jnp.clip(jnp.trunc(t_s * n_train - 1), 0, last).astype(jnp.int32)
+    idx_e = jnp.clip(jnp.trunc(t_e * n_train - 1), 0, last).astype(jnp.int32)
+    ac_s, ac_e = ac[idx_s], ac[idx_e]
+    return Window(t_s, t_e, ac_s, ac_e, jnp.sqrt(ac_s / ac_e))
+
+
+def window_end_coefficients(config: PeRFlowConfig, t: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array]:
+    """(λ_t, η_t) with the predicted window end x_e = λ_t·x_t + η_t·ε, for the ε prediction types.
+
+    At t = t_s they are the window's (λ_s, η_s); training targets use them as ε = (x_e − λ_s·x_s)/η_s.
+    """
+    if config.prediction_type == "velocity":
+        raise ValueError("window_end_coefficients is defined for ddim_eps and diff_eps, not velocity.")
+    t_c = jnp.asarray(t, jnp.float32)
+    w = window_alpha(config, t_c)
+    if config.prediction_type == "ddim_eps":
+        lambda_s = jnp.sqrt(w.alpha_cumprod_end / w.alpha_cumprod_start)
+        eta_s = jnp.sqrt(1 - w.alpha_cumprod_end) - jnp.sqrt(
+            w.alpha_cumprod_end / w.alpha_cumprod_start * (1 - w.alpha_cumprod_start))
+    else:  # diff_eps
+        lambda_s = 1 / w.gamma
+        eta_s = -jnp.sqrt(1 - w.gamma**2) / w.gamma
+    denom = lambda_s * (t_c - w.start) + (w.end - t_c)
+    return lambda_s * (w.end - w.start) / denom, eta_s * (w.end - t_c) / denom
+
+
+def _velocity(prediction_type: str, model_output: jax.Array, sample: jax.Array, t_c: jax.Array,
+              t_s: jax.Array, t_e: jax.Array, lambda_t: jax.Array, eta_t: jax.Array) -> jax.Array:
+    """Velocity from a model output, all float32; coefficients already broadcast to the sample."""
+    if prediction_type == "velocity":
+        return model_output
+    pred_window_end = lambda_t * sample + eta_t * model_output
+    return (pred_window_end - sample) / (t_e - (t_s + (t_c - t_s)))
+
+
+def model_output_to_velocity(config: PeRFlowConfig, model_output: jax.Array, sample: jax.Array,
+                             t: jax.typing.ArrayLike) -> jax.Array:
+    """Velocity of the straight window path, for each sample at its own time point `t` (scalar or (B,)).
+
+    Float32 math; returns float32. Training and previews use this; ``step`` uses the same formula with
+    precomputed coefficients.
+    """
+    _check_same_shape(model_output, sample)
+    t_c = jnp.asarray(t, jnp.float32)
+    x = sample.astype(jnp.float32)
+    out = model_output.astype(jnp.float32)
+    if config.prediction_type == "velocity":
+        return out
+    t_s, t_e = window_bounds(config, t_c)
+    lam, eta = window_end_coefficients(config, t_c)
+    b = functools.partial(common.broadcast_to_sample, sample=x)
+    return _velocity(config.prediction_type, out, x, b(t_c), b(t_s), b(t_e), b(lam), b(eta))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timesteps and stepping
+# ----------------------------------------------------------------------------------------------------------
+
+
+def reference_timesteps(config: PeRFlowConfig, num_inference_steps: int) -> np.ndarray:
+    """The reference's integer timesteps (int64 NumPy) for `num_inference_steps`."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int | np.integer):
+        raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}.")
+    if num_inference_steps <= 0:
+        raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}.")
+    k = config.num_time_windows
+    if num_inference_steps < k:
+        warnings.warn(
+            f"num_inference_steps={num_inference_steps} is below num_time_windows={k}; using {k} steps "
+            "(one per window), as the reference does.",
+            stacklevel=3,
+        )
+        num_inference_steps = k
+    per_window = [num_inference_steps // k + (1 if i < num_inference_steps % k else 0) for i in range(k)]
+    points = np.concatenate([
+        np.linspace(s, e, num=m, endpoint=False)
+        for s, e, m in zip(config.window_starts, config.window_ends, per_window, strict=True)
+    ])
+    return (points * config.num_train_timesteps).astype(np.int64)
+
+
+def set_timesteps(config: PeRFlowConfig, num_inference_steps: int) -> PeRFlowState:
+    """Precompute every per-step quantity ``step`` needs (host-side; call once per step count)."""
+    timesteps = reference_timesteps(config, num_inference_steps)
+    n_train = np.float32(config.num_train_timesteps)
+    timepoints = timesteps.astype(np.float32) / n_train
+    next_steps = np.append(timesteps[1:], 0)
+    dt = (next_steps - timesteps).astype(np.float32) / n_train
+    t_s, t_e = window_bounds(config, timepoints)
+    if config.prediction_type == "velocity":
+        lam, eta = jnp.ones_like(t_s), jnp.zeros_like(t_s)
+    else:
+        lam, eta = window_end_coefficients(config, timepoints)
+    return PeRFlowState(
+        alphas_cumprod=jnp.asarray(_alphas_cumprod(config)),
+        timesteps=jnp.asarray(timesteps, jnp.int32),
+        timepoints=jnp.asarray(timepoints),
+        next_timepoints=jnp.asarray(next_steps.astype(np.float32) / n_train),
+        dt=jnp.asarray(dt),
+        window_start=t_s,
+        window_end=t_e,
+        lambda_t=lam,
+        eta_t=eta,
+    )
+
+
+def _check_same_shape(model_output: jax.Array, sample: jax.Array) -> None:
+    if model_output.shape != sample.shape:
+        raise ValueError(
+            f"model_output has shape {model_output.shape} but sample has shape {sample.shape}; the model must "
+            "predict one value per sample element."
+        )
+
+
+def _check_step_index(state: PeRFlowState, step_index: Any) -> None:
+    if _is_concrete(step_index):
+        i = int(np.asarray(step_index))
+        n = state.timesteps.shape[0]
+        if not 0 <= i < n:
+            raise IndexError(f"step_index {i} is outside 0..{n - 1} for a {n}-step schedule.")
+
+
+def velocity(config: PeRFlowConfig, state: PeRFlowState, model_output: jax.Array, step_index: Any,
+             sample: jax.Array) -> jax.Array:
+    """The velocity at step `step_index` (float32); `step_index` may be traced."""
+    _check_same_shape(model_output, sample)
+    _check_step_index(state, step_index)
+    x = sample.astype(jnp.float32)
+    take = lambda a: a[step_index]  # noqa: E731
+    return _velocity(config.prediction_type, model_output.astype(jnp.float32), x, take(state.timepoints),
+                     take(state.window_start), take(state.window_end), take(state.lambda_t),
+                     take(state.eta_t))
+
+
+def step(config: PeRFlowConfig, state: PeRFlowState, model_output: jax.Array, step_index: Any,
+         sample: jax.Array) -> jax.Array:
+    """One PeRFlow step: x_next = x + dt·v. Returns the next sample in `sample`'s dtype."""
+    v = velocity(config, state, model_output, step_index, sample)
+    return (sample.astype(jnp.float32) + state.dt[step_index] * v).astype(sample.dtype)
+
+
+def predict_window_end(config: PeRFlowConfig, state: PeRFlowState, model_output: jax.Array,
+                       step_index: Any, sample: jax.Array) -> jax.Array:
+    """The predicted end of the current window, x + (t_e − t_c)·v, for previews (sample's dtype)."""
+    v = velocity(config, state, model_output, step_index, sample)
+    span = state.window_end[step_index] - state.timepoints[step_index]
+    return (sample.astype(jnp.float32) + span * v).astype(sample.dtype)
+
+
+def add_noise(config: PeRFlowConfig, original: jax.Array, noise: jax.Array,
+              timesteps: jax.typing.ArrayLike) -> jax.Array:
+    """Forward diffusion at integer timesteps t ∈ [1, T] (scalar or per sample), one-based: ᾱ[t − 1]."""
+    _check_same_shape(noise, original)
+    timesteps = jnp.asarray(timesteps)
+    if _is_concrete(timesteps):
+        ts = np.asarray(timesteps)
+        if ts.size and (ts.min() < 1 or ts.max() > config.num_train_timesteps):
+            raise ValueError(
+                f"add_noise takes integer timesteps in [1, {config.num_train_timesteps}] (one-based, like the "
+                f"reference); got values in [{ts.min()}, {ts.max()}]."
+            )
+    idx = jnp.clip(timesteps.astype(jnp.int32) - 1, 0, config.num_train_timesteps - 1)
+    sqrt_ac, sqrt_one_minus_ac = (common.broadcast_to_sample(jnp.asarray(tab)[idx], original)
+                                  for tab in _noise_tables(config))
+    noisy = sqrt_ac * original.astype(jnp.float32) + sqrt_one_minus_ac * noise.astype(jnp.float32)
+    return noisy.astype(original.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The registry bundle
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make(config: PeRFlowConfig) -> Any:
+    """The :class:`perflow_jax.schedulers.Scheduler` bundle for `config`."""
+    from perflow_jax.schedulers import Scheduler
+
+    def _step(state: PeRFlowState, model_output: jax.Array, step_index: Any, sample: jax.Array,
+              key: jax.Array | None = None) -> tuple[jax.Array, PeRFlowState]:
+        del key  # deterministic
+        return step(config, state, model_output, step_index, sample), state
+
+    def _add_noise(original: jax.Array, noise: jax.Array, timesteps: jax.typing.ArrayLike,
+                   state: PeRFlowState | None = None) -> jax.Array:
+        del state
+        return add_noise(config, original, noise, timesteps)
+
+    def _scale_model_input(state: PeRFlowState, sample: jax.Array, step_index: Any) -> jax.Array:
+        del state, step_index
+        return sample
+
+    return Scheduler(
+        name="perflow",
+        config=config,
+        set_timesteps=functools.partial(set_timesteps, config),
+        step=_step,
+        add_noise=_add_noise,
+        scale_model_input=_scale_model_input,
+        init_noise_sigma=lambda state: 1.0,
+    )
