@@ -1,0 +1,340 @@
+"""CLIP text encoders (Stable Diffusion's text_encoder / SDXL's text_encoder_2) in Flax.
+
+Numerically matches transformers' ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` and keeps the parameter
+names of the former ``FlaxCLIPTextModel`` (``text_model/encoder/layers/0/self_attn/q_proj/kernel``, ...), so
+both PyTorch safetensors and old ``flax_model.msgpack`` checkpoints map onto it. Norms and the attention
+softmax run in float32 whatever the compute ``dtype``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perflow_jax.models.convert import find_weights_file, load_state_dict, torch_to_flax
+
+HIDDEN_ACTS = ("quick_gelu", "gelu")
+LEGACY_EOS_TOKEN_ID = 2  # configs written before transformers PR #24773 pool at argmax(input_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """The fields of transformers' text-encoder ``config.json`` that the forward pass uses."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407
+    architectures: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+                raise ValueError(f"CLIPTextConfig.{name} must be a positive integer, got {value!r}.")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(
+                f"Unsupported CLIP hidden_act {self.hidden_act!r}; expected one of {HIDDEN_ACTS} "
+                "(quick_gelu for OpenAI CLIP / SD1, gelu for OpenCLIP / SD2 and SDXL)."
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}."
+            )
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}.")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CLIPTextConfig:
+        """Build from a transformers ``CLIPTextConfig`` dict, ignoring keys the forward pass does not use."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"CLIPTextConfig.from_dict expects a mapping, got {type(d).__name__}.")
+        if "text_config" in d:
+            raise ValueError(
+                "This is a full CLIPModel config (it has 'text_config'); point to a text encoder folder "
+                "(e.g. a pipeline's text_encoder/) instead."
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names and v is not None}
+        if "architectures" in kwargs:
+            kwargs["architectures"] = tuple(kwargs["architectures"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> CLIPTextConfig:
+        """Read ``config.json`` (or the folder holding it)."""
+        return cls.from_dict(read_config_json(path))
+
+
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Load ``config.json`` given the file or the folder holding it, with clear errors."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No model config at {path!r}: expected a config.json.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+
+
+class CLIPTextOutput(NamedTuple):
+    """Encoder outputs (all ``(B, L, D)`` unless noted).
+
+    Attributes:
+      last_hidden_state: final-layer-norm output.
+      hidden_states: embeddings output then each layer's output (before the final norm), ``num_layers + 1``
+        entries, as transformers' ``output_hidden_states=True`` (SDXL uses ``hidden_states[-2]``).
+      pooled_output: ``(B, D)`` final-layer-norm output at each row's EOS token.
+      text_embeds: ``(B, projection_dim)`` projected pooled output (``CLIPTextModelWithProjection`` only).
+    """
+
+    last_hidden_state: jax.Array
+    hidden_states: tuple[jax.Array, ...]
+    pooled_output: jax.Array
+    text_embeds: jax.Array | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public models
+# ----------------------------------------------------------------------------------------------------------
+
+
+class CLIPTextModel(nn.Module):
+    """CLIP text transformer: ``input_ids (B, L) → CLIPTextOutput`` (causal attention).
+
+    Attributes:
+      config: the encoder config.
+      dtype: compute dtype (layer norms and softmax always run in float32).
+      param_dtype: dtype of freshly initialised params.
+    """
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
+        """Encode token ids; `attention_mask` (B, L) marks real tokens (1) vs padding (0)."""
+        return _TextTransformer(self.config, self.dtype, self.param_dtype, name="text_model")(
+            input_ids, attention_mask
+        )
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """:class:`CLIPTextModel` plus a bias-free ``text_projection`` of the pooled output (SDXL encoder 2)."""
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
+        """Encode token ids and fill ``text_embeds``; arguments as :meth:`CLIPTextModel.__call__`."""
+        out = _TextTransformer(self.config, self.dtype, self.param_dtype, name="text_model")(
+            input_ids, attention_mask
+        )
+        projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="text_projection")
+        return out._replace(text_embeds=projection(out.pooled_output))
+
+
+def load_clip_text_model(
+    folder: str | os.PathLike,
+    dtype: Any = jnp.float32,
+    with_projection: bool | None = None,
+    variant: str | None = None,
+) -> tuple[CLIPTextConfig, dict]:
+    """Read ``config.json`` and ``model[.variant].safetensors`` (or a sharded index) from `folder`.
+
+    Args:
+      folder: a transformers text encoder folder (e.g. a pipeline's ``text_encoder``).
+      dtype: dtype the params are cast to.
+      with_projection: build params for :class:`CLIPTextModelWithProjection`; ``None`` decides from the
+        config's ``architectures`` (or, if absent, from whether the file has ``text_projection.weight``).
+        ``False`` on a with-projection file drops the projection weight.
+      variant: weights variant such as ``"fp16"``.
+
+    Returns:
+      ``(config, params)`` where ``params`` is the ``"params"`` collection for the chosen model class.
+    """
+    folder = os.fspath(folder)
+    config = CLIPTextConfig.from_json(folder)
+    state_dict = load_state_dict(find_weights_file(folder, "model", variant))
+    if with_projection is None:
+        if config.architectures:
+            with_projection = "CLIPTextModelWithProjection" in config.architectures
+        else:
+            with_projection = "text_projection.weight" in state_dict
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+    ids = jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
+    target = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+    ignore = [r"(^|\.)position_ids$"] + ([] if with_projection else [r"^text_projection\."])
+    params = torch_to_flax(state_dict, target, rename=_rename_torch_key, ignore=ignore, dtype=dtype,
+                           what=type(model).__name__)
+    return config, jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def _rename_torch_key(key: str) -> str:
+    """transformers ≥ 5 saves a bare ``CLIPTextModel`` without the ``text_model.`` prefix; add it back."""
+    if key.startswith(("text_model.", "text_projection.")):
+        return key
+    return "text_model." + key
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks (names follow transformers' former FlaxCLIP* modules)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _layer_norm(config: CLIPTextConfig, name: str, param_dtype: jnp.dtype) -> nn.LayerNorm:
+    """Float32 LayerNorm with PyTorch's two-pass variance."""
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32, param_dtype=param_dtype,
+                        use_fast_variance=False, name=name)
+
+
+class _TextTransformer(nn.Module):
+    config: CLIPTextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None) -> CLIPTextOutput:
+        cfg = self.config
+        chex.assert_rank(input_ids, 2, custom_message="input_ids must be (batch, seq_len)")
+        chex.assert_type(input_ids, int, custom_message="input_ids must be integer token ids")
+        seq_len = input_ids.shape[1]
+        if seq_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"Sequence length {seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings}."
+            )
+        if attention_mask is not None:
+            chex.assert_equal_shape((input_ids, attention_mask),
+                                    custom_message="attention_mask must have the shape of input_ids")
+
+        hidden = _Embeddings(cfg, self.dtype, self.param_dtype, name="embeddings")(input_ids)
+        hidden_states = _Encoder(cfg, self.dtype, self.param_dtype, name="encoder")(hidden, attention_mask)
+        last = _layer_norm(cfg, "final_layer_norm", self.param_dtype)(hidden_states[-1]).astype(self.dtype)
+
+        if cfg.eos_token_id == LEGACY_EOS_TOKEN_ID:  # legacy rule: the EOS token has the highest id
+            eos_pos = jnp.argmax(input_ids, axis=-1)
+        else:  # first occurrence of eos_token_id (padding may reuse the EOS id)
+            eos_pos = jnp.argmax((input_ids == cfg.eos_token_id).astype(jnp.int32), axis=-1)
+        pooled = jnp.take_along_axis(last, eos_pos[:, None, None], axis=1)[:, 0]
+        return CLIPTextOutput(last, hidden_states, pooled)
+
+
+class _Embeddings(nn.Module):
+    config: CLIPTextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        cfg = self.config
+        token = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="token_embedding")
+        position = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="position_embedding")
+        positions = jnp.arange(input_ids.shape[1])[None]
+        return token(input_ids) + position(positions)
+
+
+class _Encoder(nn.Module):
+    config: CLIPTextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array | None) -> tuple[jax.Array, ...]:
+        layers = _LayerCollection(self.config, self.dtype, self.param_dtype, name="layers")
+        return layers(hidden, attention_mask)
+
+
+class _LayerCollection(nn.Module):
+    """Holds layers named ``"0"``, ``"1"``, ... (so the param path is ``encoder/layers/0/...``)."""
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array | None) -> tuple[jax.Array, ...]:
+        seq_len = hidden.shape[1]
+        mask = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None, None]  # (1, 1, L, L) causal
+        if attention_mask is not None:
+            mask = mask & (attention_mask > 0)[:, None, None, :]
+        states = [hidden]
+        for i in range(self.config.num_hidden_layers):
+            hidden = _EncoderLayer(self.config, self.dtype, self.param_dtype, name=str(i))(hidden, mask)
+            states.append(hidden)
+        return tuple(states)
+
+
+class _EncoderLayer(nn.Module):
+    config: CLIPTextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg = self.config
+        h = _layer_norm(cfg, "layer_norm1", self.param_dtype)(hidden).astype(self.dtype)
+        hidden = hidden + _Attention(cfg, self.dtype, self.param_dtype, name="self_attn")(h, mask)
+        h = _layer_norm(cfg, "layer_norm2", self.param_dtype)(hidden).astype(self.dtype)
+        return hidden + _MLP(cfg, self.dtype, self.param_dtype, name="mlp")(h)
+
+
+class _Attention(nn.Module):
+    config: CLIPTextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg = self.config
+        heads = cfg.num_attention_heads
+        b, l, d = hidden.shape
+
+        def proj(name: str) -> nn.Dense:
+            return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+        q, k, v = (proj(n)(hidden).reshape(b, l, heads, d // heads) for n in ("q_proj", "k_proj", "v_proj"))
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # logits and softmax in float32
+        return proj("out_proj")(out.reshape(b, l, d))
+
+
+class _MLP(nn.Module):
+    config: CLIPTextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        cfg = self.config
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.Dense(cfg.intermediate_size, name="fc1", **dense)(hidden)
+        if cfg.hidden_act == "quick_gelu":
+            h = h * jax.nn.sigmoid(1.702 * h)
+        else:
+            h = jax.nn.gelu(h, approximate=False)
+        return nn.Dense(cfg.hidden_size, name="fc2", **dense)(h)

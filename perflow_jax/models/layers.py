@@ -1,0 +1,261 @@
+"""Building blocks shared by the Flax UNet and VAE, matching diffusers' PyTorch math.
+
+All modules take and return NHWC tensors (``(B, H, W, C)``) or token tensors ``(B, L, C)``. ``dtype`` is the
+compute dtype; normalisations and the attention softmax always run in float32 so that bf16/fp16 compute stays
+close to the float32 reference.
+
+Parameter names follow the former diffusers Flax classes (``norm1``, ``conv1``, ``time_emb_proj``,
+``conv_shortcut``, ``conv``; attention ``to_q``/``to_k``/``to_v``/``to_out_0`` as in the Flax UNet, or
+``query``/``key``/``value``/``proj_attn`` as in the Flax VAE), so that
+:func:`perflow_jax.models.convert.torch_to_flax` maps PyTorch checkpoints onto them generically; the VAE
+naming needs :func:`rename_torch_attention`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+AttentionImpl = Literal["xla", "cudnn"] | None
+
+__all__ = [
+    "UNET_ATTENTION_NAMES",
+    "VAE_ATTENTION_NAMES",
+    "Attention",
+    "Downsample2D",
+    "GroupNorm",
+    "LayerNorm",
+    "ResnetBlock2D",
+    "Upsample2D",
+    "attention",
+    "conv2d",
+    "group_norm",
+    "rename_torch_attention",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Normalisation (float32 whatever the activation dtype)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def group_norm(x: jax.Array, num_groups: int, eps: float, scale: jax.Array | None = None,
+               bias: jax.Array | None = None) -> jax.Array:
+    """GroupNorm over the last (channel) axis of ``(B, ..., C)``, computed in float32, returned in x.dtype.
+
+    Same math as ``torch.nn.GroupNorm``: per-sample, per-group mean and biased variance over all spatial
+    positions and the group's channels (two-pass variance, not E[x²]−E[x]², for PyTorch parity).
+    """
+    b, c = x.shape[0], x.shape[-1]
+    if c % num_groups:
+        raise ValueError(f"GroupNorm: {c} channels are not divisible by num_groups={num_groups}.")
+    h = x.astype(jnp.float32).reshape(b, -1, num_groups, c // num_groups)
+    mean = h.mean(axis=(1, 3), keepdims=True)
+    var = jnp.square(h - mean).mean(axis=(1, 3), keepdims=True)
+    h = ((h - mean) * lax.rsqrt(var + eps)).reshape(x.shape)
+    if scale is not None:
+        h = h * scale.astype(jnp.float32)
+    if bias is not None:
+        h = h + bias.astype(jnp.float32)
+    return h.astype(x.dtype)
+
+
+class GroupNorm(nn.Module):
+    """Affine GroupNorm (params ``scale``, ``bias``) computed in float32; see :func:`group_norm`."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        return group_norm(x, self.num_groups, self.epsilon, scale, bias)
+
+
+class LayerNorm(nn.Module):
+    """Affine LayerNorm over the last axis (params ``scale``, ``bias``), float32 compute, PyTorch eps 1e-5."""
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        h = x.astype(jnp.float32)
+        mean = h.mean(axis=-1, keepdims=True)
+        var = jnp.square(h - mean).mean(axis=-1, keepdims=True)
+        h = (h - mean) * lax.rsqrt(var + self.epsilon)
+        return (h * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Convolutional blocks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def conv2d(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1,
+           padding: Any = None) -> nn.Conv:
+    """A k×k ``nn.Conv`` padded like PyTorch's ``padding=(k-1)//2`` on every side (or explicit `padding`)."""
+    pad = (kernel - 1) // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((pad, pad), (pad, pad)) if padding is None else padding, dtype=dtype, name=name)
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers ``ResnetBlock2D`` (``time_embedding_norm="default"``, no up/down-sampling inside).
+
+    ``out = (shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + time_emb_proj(silu(temb)))))) / scale``.
+    The time projection exists only when ``use_time_emb`` (UNet); the VAE builds it without. ``conv_shortcut``
+    (1×1) is created when the channel count changes. Dropout is 0 in SD models and omitted.
+    """
+
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-6
+    use_time_emb: bool = True
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm1")(x))
+        h = conv2d(self.out_channels, 3, self.dtype, "conv1")(h)
+        if self.use_time_emb:
+            if temb is None:
+                raise ValueError("ResnetBlock2D built with use_time_emb=True needs a time embedding `temb`.")
+            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm2")(h))
+        h = conv2d(self.out_channels, 3, self.dtype, "conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv2d(self.out_channels, 1, self.dtype, "conv_shortcut")(x)
+        out = x.astype(h.dtype) + h
+        return out / self.output_scale_factor if self.output_scale_factor != 1.0 else out
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3×3 conv named ``conv``. ``padding=1`` pads (1, 1) on each side like PyTorch's ``padding=1``;
+    ``padding=0`` reproduces diffusers' VAE encoder, which pads only bottom/right by one before the conv."""
+
+    out_channels: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.padding
+        pad = ((0, 1), (0, 1)) if p == 0 else ((p, p), (p, p))
+        return conv2d(self.out_channels, 3, self.dtype, "conv", stride=2, padding=pad)(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour upsampling (2× or to ``output_size``) followed by a 3×3 conv named ``conv``."""
+
+    out_channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+        _, h, w, _ = x.shape
+        if output_size is None or tuple(output_size) == (2 * h, 2 * w):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:  # PyTorch 'nearest' with an explicit size: source index = floor(dst * in / out)
+            oh, ow = output_size
+            x = x[:, (jnp.arange(oh) * h) // oh][:, :, (jnp.arange(ow) * w) // ow]
+        return conv2d(self.out_channels, 3, self.dtype, "conv")(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
+              implementation: AttentionImpl = None, chunk_size: int | None = None) -> jax.Array:
+    """Multi-head attention ``softmax(q·kᵀ·scale)·v`` on ``(B, L, heads, head_dim)`` tensors.
+
+    Built on :func:`jax.nn.dot_product_attention`, which accumulates logits and runs the softmax in float32
+    for any input dtype. ``scale`` defaults to ``head_dim ** -0.5``. ``implementation`` (None / ``'xla'`` /
+    ``'cudnn'``) is passed through; cuDNN needs fp16/bf16 inputs and supported head sizes.
+
+    ``chunk_size``: when set and smaller than the query length, queries are processed ``chunk_size`` at a
+    time with :func:`jax.lax.map` (sequentially), so the ``(B, heads, Lq, Lk)`` logits are never
+    materialised at once — peak attention memory drops by ``Lq / chunk_size`` at some speed cost. A final
+    partial chunk is handled separately. Results equal the unchunked computation.
+    """
+    b, lq, n, d = q.shape
+
+    def run(qc: jax.Array) -> jax.Array:
+        return jax.nn.dot_product_attention(qc, k, v, scale=scale, implementation=implementation)
+
+    if chunk_size is None or chunk_size >= lq:
+        return run(q)
+    if chunk_size <= 0:
+        raise ValueError(f"attention chunk_size must be a positive int or None, got {chunk_size}.")
+    n_full = lq // chunk_size
+    main = n_full * chunk_size
+    chunks = q[:, :main].reshape(b, n_full, chunk_size, n, d).swapaxes(0, 1)
+    out = lax.map(run, chunks).swapaxes(0, 1).reshape(b, main, n, d)
+    if main < lq:
+        out = jnp.concatenate([out, run(q[:, main:])], axis=1)
+    return out
+
+
+UNET_ATTENTION_NAMES = ("to_q", "to_k", "to_v", "to_out_0")  # former FlaxAttention (UNet transformer blocks)
+VAE_ATTENTION_NAMES = ("query", "key", "value", "proj_attn")  # former FlaxAttentionBlock (VAE mid block)
+
+
+class Attention(nn.Module):
+    """diffusers ``Attention`` core: q/k/v projections, multi-head attention, output projection.
+
+    Self-attention when ``context`` is None, else cross-attention on ``context`` ``(B, Lk, C_ctx)``.
+    ``param_names`` names the q, k, v and output Dense layers: :data:`UNET_ATTENTION_NAMES` (default; the same
+    normalised names as PyTorch's ``to_q``/``to_k``/``to_v``/``to_out.0``) or :data:`VAE_ATTENTION_NAMES`
+    (load with :func:`rename_torch_attention`). ``qkv_bias``: False in the UNet's transformer blocks, True in
+    the VAE. Norms and residuals are left to the caller.
+    """
+
+    heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    param_names: tuple[str, str, str, str] = UNET_ATTENTION_NAMES
+    dtype: Dtype = jnp.float32
+    implementation: AttentionImpl = None
+    chunk_size: int | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        context = x if context is None else context
+        inner = self.heads * self.head_dim
+
+        def proj(name: str, t: jax.Array) -> jax.Array:
+            y = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)(t)
+            return y.reshape(*y.shape[:-1], self.heads, self.head_dim)
+
+        nq, nk, nv, no = self.param_names
+        q, k, v = proj(nq, x), proj(nk, context), proj(nv, context)
+        o = attention(q, k, v, implementation=self.implementation, chunk_size=self.chunk_size)
+        o = o.reshape(*o.shape[:-2], inner)
+        return nn.Dense(x.shape[-1], dtype=self.dtype, name=no)(o)
+
+
+_TORCH_ATTN = re.compile(r"\.(to_q|to_k|to_v|to_out\.0)\.")
+_ATTN_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def rename_torch_attention(key: str) -> str:
+    """PyTorch attention key → :data:`VAE_ATTENTION_NAMES`: ``...to_q.weight`` → ``...query.weight`` (and
+    ``to_k``→``key``, ``to_v``→``value``, ``to_out.0``→``proj_attn``).
+
+    Pass as ``torch_to_flax(rename=rename_torch_attention)``.
+    """
+    return _TORCH_ATTN.sub(lambda m: f".{_ATTN_NAMES[m.group(1)]}.", key)
