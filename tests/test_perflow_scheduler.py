@@ -90,7 +90,7 @@ def test_matches_pytorch_transcription(pred: str, K: int, n: int) -> None:
     x0 = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
     xt, xj = torch.from_numpy(x0), jnp.asarray(x0)
     for i, t in enumerate(ref.timesteps):
-        xt = ref.step(torch.from_numpy(model_np(xt.numpy(), int(t)).astype(np.float32)), t, xt)
+        xt = ref.step(torch.from_numpy(model_np(xt.numpy(), int(t)).astype(np.float32)), t, xt).prev_sample
         xj = perflow.step(cfg, state, jnp.asarray(model_np(np.asarray(xj), int(t)), jnp.float32), i, xj)
     diff = float(np.max(np.abs(xt.numpy() - np.asarray(xj)))) / max(1.0, float(np.abs(xt.numpy()).max()))
     print(f"K={K} n={n} {pred}: max relative diff vs torch {diff:.2e}")

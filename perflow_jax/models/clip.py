@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax.models.convert import find_weights_file, load_state_dict, torch_to_flax
+from perflow_jax.models.convert import read_weights, weights_to_params
 
 HIDDEN_ACTS = ("quick_gelu", "gelu")
 LEGACY_EOS_TOKEN_ID = 2  # configs written before transformers PR #24773 pool at argmax(input_ids)
@@ -160,37 +160,42 @@ class CLIPTextModelWithProjection(nn.Module):
 
 def load_clip_text_model(
     folder: str | os.PathLike,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
     with_projection: bool | None = None,
     variant: str | None = None,
+    allow_pickle: bool = False,
 ) -> tuple[CLIPTextConfig, dict]:
-    """Read ``config.json`` and ``model[.variant].safetensors`` (or a sharded index) from `folder`.
+    """Read ``config.json`` and ``model[.variant].safetensors`` (a sharded index, or a converted
+    ``flax_model.msgpack``) from `folder`.
 
     Args:
       folder: a transformers text encoder folder (e.g. a pipeline's ``text_encoder``).
-      dtype: dtype the params are cast to.
+      dtype: dtype the params are cast to (default: keep the file's).
       with_projection: build params for :class:`CLIPTextModelWithProjection`; ``None`` decides from the
         config's ``architectures`` (or, if absent, from whether the file has ``text_projection.weight``).
         ``False`` on a with-projection file drops the projection weight.
       variant: weights variant such as ``"fp16"``.
+      allow_pickle: allow a ``.bin`` PyTorch pickle (needs torch; trusted files only).
 
     Returns:
       ``(config, params)`` where ``params`` is the ``"params"`` collection for the chosen model class.
     """
     folder = os.fspath(folder)
     config = CLIPTextConfig.from_json(folder)
-    state_dict = load_state_dict(find_weights_file(folder, "model", variant))
+    kind, weights = read_weights(folder, "model", variant, allow_pickle)
     if with_projection is None:
         if config.architectures:
             with_projection = "CLIPTextModelWithProjection" in config.architectures
         else:
-            with_projection = "text_projection.weight" in state_dict
+            with_projection = "text_projection.weight" in weights or "text_projection" in weights
     model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
     ids = jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
     target = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
     ignore = [r"(^|\.)position_ids$"] + ([] if with_projection else [r"^text_projection\."])
-    params = torch_to_flax(state_dict, target, rename=_rename_torch_key, ignore=ignore, dtype=dtype,
-                           what=type(model).__name__)
+    if kind == "flax" and not with_projection:
+        weights = {k: v for k, v in weights.items() if k != "text_projection"}
+    params = weights_to_params(kind, weights, target, rename=_rename_torch_key, ignore=ignore, dtype=dtype,
+                               what=type(model).__name__)
     return config, jax.tree_util.tree_map(jnp.asarray, params)
 
 

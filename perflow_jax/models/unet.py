@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax.models.convert import find_weights_file, load_state_dict, torch_to_flax
+from perflow_jax.models.convert import read_weights, weights_to_params
 from perflow_jax.models.layers import (
     Attention,
     AttentionImpl,
@@ -610,7 +610,7 @@ def init_unet_params(config: UNetConfig, rng: jax.Array) -> dict:
 def load_unet(folder: str | os.PathLike, dtype: Dtype | None = None, variant: str | None = None,
               allow_pickle: bool = False) -> tuple[UNetConfig, dict]:
     """Load a diffusers UNet folder: ``config.json`` + ``diffusion_pytorch_model[.variant].safetensors``
-    (or a sharded index; ``.bin`` only with ``allow_pickle``).
+    (or a sharded index; ``.bin`` only with ``allow_pickle``), or an already converted ``flax_model.msgpack``.
 
     Args:
       folder: e.g. ``<pipeline>/unet``.
@@ -626,6 +626,6 @@ def load_unet(folder: str | os.PathLike, dtype: Dtype | None = None, variant: st
     """
     folder = os.fspath(folder)
     config = UNetConfig.from_json(os.path.join(folder, "config.json"))
-    state_dict = load_state_dict(find_weights_file(folder, "diffusion_pytorch_model", variant), allow_pickle)
-    params = torch_to_flax(state_dict, unet_param_shapes(config), dtype=dtype, what="UNet")
+    kind, weights = read_weights(folder, "diffusion_pytorch_model", variant, allow_pickle)
+    params = weights_to_params(kind, weights, unet_param_shapes(config), dtype=dtype, what="UNet")
     return config, params

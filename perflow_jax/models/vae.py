@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax.models.clip import read_config_json
-from perflow_jax.models.convert import find_weights_file, load_state_dict, torch_to_flax
+from perflow_jax.models.convert import read_weights, weights_to_params
 from perflow_jax.models.layers import (
     VAE_ATTENTION_NAMES,
     Attention,
@@ -262,20 +262,22 @@ class AutoencoderKL(nn.Module):
         return _to_nchw(self.decoder(z))
 
 
-def load_vae(folder: str | os.PathLike, dtype: Any = jnp.float32,
-             variant: str | None = None) -> tuple[VAEConfig, dict]:
-    """Read ``config.json`` and ``diffusion_pytorch_model[.variant].safetensors`` from a diffusers VAE folder.
+def load_vae(folder: str | os.PathLike, dtype: Any = None, variant: str | None = None,
+             allow_pickle: bool = False) -> tuple[VAEConfig, dict]:
+    """Read ``config.json`` and ``diffusion_pytorch_model[.variant].safetensors`` (or a converted
+    ``flax_model.msgpack``) from a diffusers VAE folder.
 
-    Returns ``(config, params)``, ``params`` being the ``"params"`` collection cast to `dtype`.
+    Returns ``(config, params)``, ``params`` being the ``"params"`` collection cast to `dtype` (default: keep
+    the file's dtype).
     """
     folder = os.fspath(folder)
     config = VAEConfig.from_json(folder)
-    state_dict = load_state_dict(find_weights_file(folder, "diffusion_pytorch_model", variant))
+    kind, weights = read_weights(folder, "diffusion_pytorch_model", variant, allow_pickle)
     size = 2 * config.downscale_factor
     images = jax.ShapeDtypeStruct((1, config.in_channels, size, size), jnp.float32)
     target = jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), images)["params"]
-    params = torch_to_flax(state_dict, target, rename=rename_torch_attention, dtype=dtype,
-                           what="AutoencoderKL")
+    params = weights_to_params(kind, weights, target, rename=rename_torch_attention, dtype=dtype,
+                               what="AutoencoderKL")
     return config, jax.tree_util.tree_map(jnp.asarray, params)
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 
 class TorchPeRFlowScheduler(SchedulerMixin, ConfigMixin):
     config_name = "scheduler_config.json"
+    order = 1
+    init_noise_sigma = 1.0
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -55,7 +57,11 @@ class TorchPeRFlowScheduler(SchedulerMixin, ConfigMixin):
                for i in range(K)]
         self.timesteps = torch.from_numpy((np.concatenate(pts) * self.config.num_train_timesteps).astype(np.int64))
 
-    def step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor,
+             return_dict: bool = True):
         T = self.config.num_train_timesteps
         if self.config.prediction_type == "velocity":
             v = model_output
@@ -76,4 +82,5 @@ class TorchPeRFlowScheduler(SchedulerMixin, ConfigMixin):
         idx = int(torch.argwhere(self.timesteps == timestep)[0, 0])
         nxt = self.timesteps[idx + 1] if idx + 1 < len(self.timesteps) else 0
         dt = ((nxt - timestep) / T).to(sample.dtype)
-        return sample + dt * v
+        prev = sample + dt * v
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)

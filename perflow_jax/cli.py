@@ -1,0 +1,139 @@
+"""The ``perflow-jax`` command: ``sample`` and ``convert``.
+
+``perflow-jax sample`` generates images with a diffusers-format SD/SDXL model (plus an optional PeRFlow
+ΔW) and writes PNGs and a grid; ``perflow-jax convert`` turns a PyTorch diffusers folder into Flax
+checkpoints so later loads skip conversion. JAX's persistent compilation cache is on (``--no-cache`` or
+``PERFLOW_JAX_CACHE_DIR=off`` switches it off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perflow-jax", description="PeRFlow for Stable Diffusion in JAX/Flax.")
+    p.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sample", help="generate images")
+    s.add_argument("--model", required=True, help="diffusers-format folder or a repo id in the local HF cache")
+    s.add_argument("--delta", help="PeRFlow ΔW: delta_weights.safetensors, its folder, or a UNet-format ΔW folder")
+    s.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
+    s.add_argument("--negative-prompt", default=None)
+    s.add_argument("--steps", type=_positive_int, default=None, help="inference steps (default: the family's)")
+    s.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the family's)")
+    s.add_argument("--num-images", type=_positive_int, default=4, help="images per prompt")
+    s.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per compiled call (default: all); batch b uses seed + b")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--height", type=int, default=None)
+    s.add_argument("--width", type=int, default=None)
+    s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    s.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    s.add_argument("--scheduler", default="perflow", help="perflow (default) or another registered scheduler")
+    s.add_argument("--init-image", default=None, help="img2img: an RGB image file")
+    s.add_argument("--strength", type=float, default=0.6, help="img2img strength in (0, 1]")
+    s.add_argument("--decode-chunk-size", type=_positive_int, default=None, help="VAE decode chunk (memory)")
+    s.add_argument("--out", required=True, help="output folder for PNGs and grid.png")
+
+    c = sub.add_parser("convert", help="convert a PyTorch diffusers folder to Flax checkpoints")
+    c.add_argument("src", help="pipeline folder (model_index.json), one model folder, or a cached repo id")
+    c.add_argument("dst", help="destination folder (created; written atomically)")
+    c.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast params (default: keep)")
+    c.add_argument("--delta", default=None, help="merge this PeRFlow ΔW into the UNet")
+    c.add_argument("--variant", default=None, help="read this weights variant, e.g. fp16")
+    c.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+    return p
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    import jax.numpy as jnp
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from perflow_jax.images import make_grid, save_batch, save_png
+    from perflow_jax.pipelines import StableDiffusionPipeline
+
+    init_image = None
+    if args.init_image is not None:
+        from PIL import Image
+
+        if not os.path.isfile(args.init_image):
+            raise CLIError(f"--init-image {args.init_image!r} does not exist.")
+        init_image = np.asarray(Image.open(args.init_image).convert("RGB"))
+        if not 0.0 < args.strength <= 1.0:
+            raise CLIError(f"--strength must be in (0, 1], got {args.strength}.")
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.model, delta=args.delta, scheduler=args.scheduler, dtype=getattr(jnp, DTYPES[args.dtype]),
+        variant=args.variant, decode_chunk_size=args.decode_chunk_size, compilation_cache=not args.no_cache)
+    print(f"loaded {args.model} ({pipe.family}, scheduler {pipe.scheduler.name}) in {time.perf_counter() - t0:.1f}s")
+
+    prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    bs = args.batch_size or len(prompts)
+    all_images, compile_s, run_s = [], 0.0, 0.0
+    batches = range(0, len(prompts), bs)
+    for b, start in enumerate(tqdm(batches, desc="batches", disable=len(batches) == 1)):
+        kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, seed=args.seed + b)
+        chunk = prompts[start:start + bs]
+        if init_image is not None:
+            images = pipe.img2img(chunk, init_image, strength=args.strength, **kw)
+        else:
+            images = pipe(chunk, height=args.height, width=args.width, **kw)
+        compile_s += pipe.stats.compile_seconds
+        run_s += pipe.stats.run_seconds
+        save_batch(images, args.out, start=start)
+        all_images.append(images)
+    images = np.concatenate(all_images)
+    grid = save_png(make_grid(images, ncols=args.num_images if len(args.prompt) > 1 else None),
+                    os.path.join(args.out, "grid.png"))
+    print(f"compile {compile_s:.2f}s, run {run_s:.2f}s for {len(images)} images "
+          f"({len(images) / max(run_s, 1e-9):.2f} images/s); wrote {len(images)} PNGs and {grid}")
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    import jax.numpy as jnp
+
+    from perflow_jax.models.components import convert_to_flax
+
+    dtype = getattr(jnp, DTYPES[args.dtype]) if args.dtype else None
+    info = convert_to_flax(args.src, args.dst, dtype=dtype, delta=args.delta, variant=args.variant,
+                           overwrite=args.overwrite)
+    print(f"converted {', '.join(info['components'])} to {args.dst} in {info['seconds']:.1f}s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 user error)."""
+    args = _build_parser().parse_args(argv)
+    from perflow_jax.compilation_cache import enable_compilation_cache
+
+    enable_compilation_cache(enable=not args.no_cache)
+    try:
+        {"sample": _cmd_sample, "convert": _cmd_convert}[args.command](args)
+    except (CLIError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"perflow-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""PeRFlow ΔW (delta weights): load, merge into a UNet, extract from a merged UNet, export to PyTorch layout.
+
+A released PeRFlow model is ΔW = W_perflow − W_base over a Stable Diffusion UNet, stored in PyTorch layout
+with diffusers key names, either as ``delta_weights.safetensors`` or as a UNet-format folder
+(``config.json`` + ``diffusion_pytorch_model[.variant].safetensors`` holding ΔW, optionally under ``unet/``).
+Here ΔW lives as a Flax param tree shaped exactly like the UNet's params; key sets must match one-to-one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from perflow_jax.models.convert import (
+    ConversionError,
+    find_weights_file,
+    flax_to_torch,
+    load_state_dict,
+    torch_to_flax,
+)
+
+DELTA_FILE = "delta_weights.safetensors"
+_LIST_SUFFIX = re.compile(r"^(?!linear_)(.+)_(\d+)$")  # down_blocks_0 → down_blocks.0; linear_1 stays
+
+
+def resolve_delta_file(path: str | os.PathLike, variant: str | None = None) -> str:
+    """The safetensors file holding ΔW at `path` (a file, a folder with ``delta_weights.safetensors``, or a
+    UNet-format folder, possibly with a ``unet/`` subfolder)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"ΔW path {path!r} does not exist.")
+    if os.path.isfile(os.path.join(path, DELTA_FILE)):
+        return os.path.join(path, DELTA_FILE)
+    for folder in (path, os.path.join(path, "unet")):
+        if os.path.isdir(folder):
+            try:
+                return find_weights_file(folder, "diffusion_pytorch_model", variant)
+            except FileNotFoundError:
+                pass
+    raise FileNotFoundError(
+        f"{path!r} holds no PeRFlow ΔW: expected {DELTA_FILE} or a UNet-format folder with "
+        f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors (optionally under unet/)."
+    )
+
+
+def load_delta(path: str | os.PathLike, unet_params: Mapping, variant: str | None = None,
+               dtype: Any = None) -> dict:
+    """Read ΔW (PyTorch layout) into a Flax tree shaped like `unet_params`; strict key accounting.
+
+    Args:
+      path: ``delta_weights.safetensors``, its folder, or a UNet-format ΔW folder.
+      unet_params: the UNet's params (arrays or ShapeDtypeStructs): the structure ΔW must match.
+      variant: weights variant of a UNet-format folder (e.g. ``"fp16"``).
+      dtype: cast ΔW to this dtype (default: keep the file's).
+    """
+    file = resolve_delta_file(path, variant)
+    try:
+        return torch_to_flax(load_state_dict(file), unet_params, dtype=dtype, what="UNet (PeRFlow ΔW)")
+    except ConversionError as e:
+        raise ConversionError(f"The ΔW in {file!r} does not match this UNet; is it for this model family "
+                              f"(SD1.5 / SD2.1 / SDXL)?\n{e}") from e
+
+
+def _check_same_tree(a: Mapping, b: Mapping, what: str) -> None:
+    fa, fb = traverse_util.flatten_dict(dict(a)), traverse_util.flatten_dict(dict(b))
+    missing, extra = sorted(set(fa) - set(fb)), sorted(set(fb) - set(fa))
+    bad = [k for k in set(fa) & set(fb) if tuple(np.shape(fa[k])) != tuple(np.shape(fb[k]))]
+    if missing or extra or bad:
+        fmt = lambda ks: ", ".join("/".join(k) for k in ks[:5]) + (" ..." if len(ks) > 5 else "")  # noqa: E731
+        raise ValueError(f"{what}: parameter trees differ — {len(missing)} only in the first ({fmt(missing)}), "
+                         f"{len(extra)} only in the second ({fmt(extra)}), {len(bad)} with other shapes "
+                         f"({fmt(sorted(bad))}).")
+
+
+def merge(unet_params: Mapping, delta: Mapping, scale: float = 1.0) -> dict:
+    """W + scale·ΔW, added in float32 and cast back to each param's dtype."""
+    _check_same_tree(unet_params, delta, "merge(unet_params, delta)")
+    return jax.tree_util.tree_map(
+        lambda w, d: (jnp.asarray(w, jnp.float32) + scale * jnp.asarray(d, jnp.float32)).astype(jnp.asarray(w).dtype),
+        dict(unet_params), dict(delta))
+
+
+def extract(merged: Mapping, base: Mapping) -> dict:
+    """ΔW = merged − base in float32 (e.g. from a released merged PeRFlow UNet and its base model)."""
+    _check_same_tree(merged, base, "extract(merged, base)")
+    return jax.tree_util.tree_map(lambda m, b: jnp.asarray(m, jnp.float32) - jnp.asarray(b, jnp.float32),
+                                  dict(merged), dict(base))
+
+
+def torch_unet_key(path: tuple[str, ...]) -> str:
+    """The diffusers PyTorch key of a Flax UNet param path (``down_blocks_0/.../kernel`` → ``...weight``)."""
+    *mods, leaf = path
+    parts = [m if (mm := _LIST_SUFFIX.match(m)) is None else f"{mm.group(1)}.{mm.group(2)}" for m in mods]
+    return ".".join(parts + ["weight" if leaf in ("kernel", "scale", "embedding") else leaf])
+
+
+def torch_unet_state_dict(params: Mapping, dtype: Any = None) -> dict[str, np.ndarray]:
+    """Flax UNet-shaped params (or ΔW) → a PyTorch-layout state dict with diffusers key names."""
+    flat = traverse_util.flatten_dict(dict(params))
+
+    def torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+        if path[-1] == "kernel" and len(shape) == 4:
+            return (shape[3], shape[2], shape[0], shape[1])
+        if path[-1] == "kernel" and len(shape) == 2:
+            return (shape[1], shape[0])
+        return tuple(shape)
+
+    keys = {torch_unet_key(p): torch_shape(p, np.shape(v)) for p, v in flat.items()}
+    sd = flax_to_torch(params, keys, what="UNet")
+    return {k: np.ascontiguousarray(v.astype(dtype) if dtype is not None else v) for k, v in sd.items()}
+
+
+def export(delta: Mapping, path: str | os.PathLike, dtype: Any = None,
+           metadata: dict[str, str] | None = None) -> str:
+    """Write ΔW as PyTorch-layout safetensors with diffusers key names (atomic: temp file + rename).
+
+    `path` is a ``.safetensors`` file or a folder (then ``<folder>/delta_weights.safetensors``). The file is
+    what the PyTorch PeRFlow code's ``load_delta_weights_into_unet`` reads. Returns the file written.
+    """
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        os.makedirs(path, exist_ok=True)
+        path = os.path.join(path, DELTA_FILE)
+    sd = torch_unet_state_dict(jax.device_get(dict(delta)), dtype=dtype)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".delta-", suffix=".safetensors.tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata={"format": "pt", **(metadata or {})})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

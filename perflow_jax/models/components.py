@@ -1,0 +1,213 @@
+"""Load a whole diffusers-format Stable Diffusion folder (SD1.x, SD2.x, SDXL) into Flax configs and params.
+
+The folder is what ``DiffusionPipeline.save_pretrained`` writes: ``model_index.json`` with ``unet/``,
+``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and, for SDXL, ``text_encoder_2/`` and
+``tokenizer_2/``. A Hugging Face repo id resolves to its snapshot in the local cache; nothing is downloaded.
+Tokenizers are transformers' ``CLIPTokenizer`` read from the local ``vocab.json`` / ``merges.txt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from perflow_jax.hub import resolve_model_path
+from perflow_jax.models.clip import CLIPTextConfig, load_clip_text_model
+from perflow_jax.models.unet import UNetConfig, load_unet
+from perflow_jax.models.vae import VAEConfig, load_vae
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+@dataclasses.dataclass
+class PipelineComponents:
+    """Everything a text-to-image pipeline needs, as Flax configs + params (NumPy/JAX arrays)."""
+
+    path: str
+    family: str  # "sd" (SD1.x/SD2.x) or "sdxl"
+    model_index: dict[str, Any]
+    unet_config: UNetConfig
+    unet_params: dict
+    vae_config: VAEConfig
+    vae_params: dict
+    text_encoder_config: CLIPTextConfig
+    text_encoder_params: dict
+    tokenizer: Any
+    scheduler_config: dict[str, Any] | None
+    text_encoder_2_config: CLIPTextConfig | None = None
+    text_encoder_2_params: dict | None = None
+    tokenizer_2: Any = None
+
+
+def load_tokenizer(folder: str) -> Any:
+    """transformers' CLIPTokenizer from local files only (``vocab.json`` + ``merges.txt``, or ``tokenizer.json``)."""
+    missing = [f for f in TOKENIZER_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise FileNotFoundError(
+            f"Tokenizer folder {folder!r} lacks {', '.join(missing)}; a CLIP tokenizer needs {TOKENIZER_FILES} "
+            "or a tokenizer.json (save it with tokenizer.save_pretrained, or copy them from the base model's "
+            "tokenizer/ folder)."
+        )
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _subfolder(root: str, name: str) -> str:
+    folder = os.path.join(root, name)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"{root!r} has no {name}/ folder; a diffusers Stable Diffusion folder needs unet/, vae/, "
+            "text_encoder/, tokenizer/ (and text_encoder_2/, tokenizer_2/ for SDXL)."
+        )
+    return folder
+
+
+def read_model_index(root: str) -> dict[str, Any]:
+    path = os.path.join(root, "model_index.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{root!r} has no model_index.json: it is not a diffusers pipeline folder. Save one with "
+            "DiffusionPipeline.save_pretrained, or pass the folder that holds model_index.json."
+        )
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_pipeline_components(path_or_repo_id: str | os.PathLike, dtype: Any = None, variant: str | None = None,
+                             allow_pickle: bool = False, revision: str = "main") -> PipelineComponents:
+    """Load configs, params and tokenizers of a diffusers SD/SDXL folder or a cached hub repo id.
+
+    Args:
+      path_or_repo_id: local folder, or ``"org/name"`` present in the local Hugging Face cache.
+      dtype: cast all params to this dtype (default: keep each file's dtype).
+      variant: weights variant, e.g. ``"fp16"`` for ``diffusion_pytorch_model.fp16.safetensors``.
+      allow_pickle: allow ``.bin`` pickles (needs torch; only for files you trust).
+      revision: hub revision for repo ids.
+    """
+    root = resolve_model_path(path_or_repo_id, revision)
+    index = read_model_index(root)
+    family = "sdxl" if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")) else "sd"
+
+    unet_config, unet_params = load_unet(_subfolder(root, "unet"), dtype=dtype, variant=variant,
+                                         allow_pickle=allow_pickle)
+    vae_config, vae_params = load_vae(_subfolder(root, "vae"), dtype=dtype, variant=variant)
+    te_config, te_params = load_clip_text_model(_subfolder(root, "text_encoder"), dtype=dtype,
+                                                with_projection=False, variant=variant)
+    tokenizer = load_tokenizer(_subfolder(root, "tokenizer"))
+    sched_path = os.path.join(root, "scheduler", "scheduler_config.json")
+    scheduler_config = None
+    if os.path.isfile(sched_path):
+        with open(sched_path, encoding="utf-8") as f:
+            scheduler_config = json.load(f)
+
+    comps = PipelineComponents(root, family, index, unet_config, unet_params, vae_config, vae_params, te_config,
+                               te_params, tokenizer, scheduler_config)
+    if family == "sdxl":
+        comps.text_encoder_2_config, comps.text_encoder_2_params = load_clip_text_model(
+            _subfolder(root, "text_encoder_2"), dtype=dtype, with_projection=True, variant=variant)
+        comps.tokenizer_2 = load_tokenizer(_subfolder(root, "tokenizer_2"))
+    return comps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Converting a folder to Flax checkpoints (`perflow-jax convert`)
+# ----------------------------------------------------------------------------------------------------------
+
+_COMPONENT_LOADERS = {
+    "unet": lambda folder, dtype, variant, allow_pickle: load_unet(folder, dtype=dtype, variant=variant,
+                                                                   allow_pickle=allow_pickle),
+    "vae": lambda folder, dtype, variant, allow_pickle: load_vae(folder, dtype=dtype, variant=variant,
+                                                                 allow_pickle=allow_pickle),
+    "text_encoder": lambda folder, dtype, variant, allow_pickle: load_clip_text_model(
+        folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle),
+    "text_encoder_2": lambda folder, dtype, variant, allow_pickle: load_clip_text_model(
+        folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle),
+}
+_SINGLE_CLASSES = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder",
+                   "CLIPTextModelWithProjection": "text_encoder_2"}
+
+
+def _component_kind(folder: str) -> str:
+    """Which loader a single component folder needs, from its config.json."""
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{folder!r} has neither model_index.json (a pipeline) nor config.json (a "
+                                "single UNet / VAE / text encoder).")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    names = [cfg.get("_class_name")] + list(cfg.get("architectures") or [])
+    for n in names:
+        if n in _SINGLE_CLASSES:
+            return _SINGLE_CLASSES[n]
+    raise ValueError(f"{cfg_path!r} describes {names[0] or names[1:]}, which perflow-jax cannot convert; "
+                     f"supported: {', '.join(_SINGLE_CLASSES)}.")
+
+
+def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None,
+                    delta: str | os.PathLike | None = None, variant: str | None = None, allow_pickle: bool = False,
+                    overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Convert a diffusers pipeline folder (or one UNet/VAE/text-encoder folder) into Flax checkpoints.
+
+    Each model folder of `dst` gets ``config.json`` + ``flax_model.msgpack`` (msgpack: one self-contained
+    file per model, the former diffusers Flax format, readable with flax alone; orbax is kept for training
+    checkpoints). Tokenizers, scheduler and model_index.json are copied. With `delta`, the PeRFlow ΔW is
+    merged into the UNet first. The result is built in a temp folder and renamed into place, so `dst` is
+    never half-written. Returns ``{"components": [...], "seconds": ...}``.
+    """
+    import shutil
+    import tempfile
+    import time
+
+    from tqdm.auto import tqdm
+
+    from perflow_jax.models.convert import FLAX_WEIGHTS, save_flax_checkpoint
+
+    t0 = time.perf_counter()
+    root = resolve_model_path(src)
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst!r} already exists; choose another destination or pass overwrite=True.")
+    is_pipeline = os.path.isfile(os.path.join(root, "model_index.json"))
+    if is_pipeline:
+        index = read_model_index(root)
+        models = [n for n in _COMPONENT_LOADERS if n in index and os.path.isdir(os.path.join(root, n))]
+        copies = [n for n in ("tokenizer", "tokenizer_2", "scheduler") if os.path.isdir(os.path.join(root, n))]
+    else:
+        models, copies = [""], []
+    if delta is not None and not (("unet" in models) or (not is_pipeline and _component_kind(root) == "unet")):
+        raise ValueError("delta= merges a PeRFlow ΔW into a UNet, but the source has no UNet.")
+
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+    try:
+        for name in tqdm(models, desc="converting", disable=not progress):
+            folder = os.path.join(root, name) if name else root
+            kind = name or _component_kind(folder)
+            _, params = _COMPONENT_LOADERS[kind](folder, dtype, variant, allow_pickle)
+            if kind == "unet" and delta is not None:
+                from perflow_jax import delta as delta_lib
+
+                params = delta_lib.merge(params, delta_lib.load_delta(delta, params))
+            out = os.path.join(tmp, name)
+            os.makedirs(out, exist_ok=True)
+            shutil.copy2(os.path.join(folder, "config.json"), os.path.join(out, "config.json"))
+            save_flax_checkpoint(params, os.path.join(out, FLAX_WEIGHTS))
+        for name in copies:
+            shutil.copytree(os.path.join(root, name), os.path.join(tmp, name))
+        if is_pipeline:
+            shutil.copy2(os.path.join(root, "model_index.json"), os.path.join(tmp, "model_index.json"))
+        if os.path.exists(dst):
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.rename(dst, os.path.join(old, "x"))
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"components": [m or _component_kind(root) for m in models], "seconds": time.perf_counter() - t0}

@@ -1,0 +1,172 @@
+"""ΔW load/merge/extract/export, Flax msgpack checkpoints, `perflow-jax convert`, and weight-file errors.
+
+Tolerances: merge adds in float32 on both sides (PyTorch: base + ΔW; here: W + ΔW), so results agree to the
+last bit or within 1e-6; export → reload is a pure re-layout and must be exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from perflow_jax import delta as delta_lib
+from perflow_jax.cli import main as cli_main
+from perflow_jax.models.convert import ConversionError, load_state_dict, torch_to_flax
+from perflow_jax.models.unet import load_unet, unet_param_shapes
+from tests.support.tiny_sd import _unet, make_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny SD1-style PyTorch UNet saved in diffusers format, plus a random ΔW over all of its keys."""
+    folder = tmp_path_factory.mktemp("unet")
+    unet = _unet("sd15", 0)
+    unet.save_pretrained(folder)
+    g = torch.Generator().manual_seed(1)
+    delta = {k: (0.01 * torch.randn(v.shape, generator=g)).numpy() for k, v in unet.state_dict().items()}
+    return folder, unet, delta
+
+
+def test_merge_equals_pytorch_base_plus_delta(base, tmp_path) -> None:
+    folder, unet, delta = base
+    save_file(delta, str(tmp_path / "delta_weights.safetensors"))
+    cfg, params = load_unet(folder)
+    merged = delta_lib.merge(params, delta_lib.load_delta(tmp_path, params))
+    # PyTorch side: base + ΔW in float32, converted with the same converter.
+    pt_merged = {k: (v + torch.from_numpy(delta[k])).numpy() for k, v in unet.state_dict().items()}
+    want = torch_to_flax(pt_merged, unet_param_shapes(cfg))
+    got_flat, want_flat = _flat(merged), _flat(want)
+    diff = max(float(np.max(np.abs(np.asarray(got_flat[k]) - want_flat[k]))) for k in want_flat)
+    print(f"merge vs PyTorch base+ΔW: max abs diff {diff:.1e}")
+    assert diff <= 1e-6
+    # extract recovers ΔW
+    dw = delta_lib.extract(merged, params)
+    back = delta_lib.torch_unet_state_dict(dw)
+    assert max(float(np.max(np.abs(back[k] - delta[k]))) for k in delta) <= 1e-6
+
+
+def test_export_reload_exact_and_pytorch_readable(base, tmp_path) -> None:
+    folder, unet, delta = base
+    _, params = load_unet(folder)
+    dw = torch_to_flax(delta, params)
+    path = delta_lib.export(dw, tmp_path / "out")
+    assert path.endswith("delta_weights.safetensors") and not [f for f in os.listdir(tmp_path / "out")
+                                                               if f.startswith(".")]
+    sd = load_state_dict(path)
+    assert set(sd) == set(unet.state_dict()) and all(np.array_equal(sd[k], delta[k]) for k in delta)
+    reloaded = delta_lib.load_delta(path, params)
+    assert _same(reloaded, dw)
+    # The PyTorch reference merges with unet.state_dict()[k] + ΔW[k]: its strict load must accept the keys.
+    from safetensors.torch import load_file
+
+    pt = load_file(path)
+    unet_copy = _unet("sd15", 0)
+    unet_copy.load_state_dict({k: v + pt[k] for k, v in unet_copy.state_dict().items()}, strict=True)
+
+
+def test_unet_format_delta_folder_with_variant(base, tmp_path) -> None:
+    folder, _, delta = base
+    _, params = load_unet(folder)
+    sub = tmp_path / "perflow-delta" / "unet"
+    sub.mkdir(parents=True)
+    (sub / "config.json").write_text((folder / "config.json").read_text())
+    fp16 = {k: v.astype(np.float16) for k, v in delta.items()}
+    save_file(fp16, str(sub / "diffusion_pytorch_model.fp16.safetensors"))
+    dw = delta_lib.load_delta(tmp_path / "perflow-delta", params, variant="fp16")
+    assert next(iter(_flat(dw).values())).dtype == np.float16
+    with pytest.raises(FileNotFoundError, match="holds no PeRFlow ΔW"):
+        delta_lib.load_delta(tmp_path / "perflow-delta", params)  # no non-variant file
+
+
+def test_delta_errors(base, tmp_path) -> None:
+    folder, _, delta = base
+    _, params = load_unet(folder)
+    bad = dict(delta)
+    bad.pop("conv_in.bias")
+    bad["extra.weight"] = np.zeros(3, np.float32)
+    bad["conv_out.weight"] = np.zeros((1, 2, 3, 3), np.float32)
+    save_file(bad, str(tmp_path / "delta_weights.safetensors"))
+    with pytest.raises(ConversionError, match=r"does not match this UNet(.|\n)*missing(.|\n)*conv_in/bias"
+                                              r"(.|\n)*unexpected(.|\n)*extra\.weight(.|\n)*mis-shaped"):
+        delta_lib.load_delta(tmp_path, params)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        delta_lib.load_delta(tmp_path / "missing", params)
+    small = {k: v for k, v in params.items() if k != "conv_in"}
+    with pytest.raises(ValueError, match="parameter trees differ"):
+        delta_lib.merge(params, small)
+
+
+def test_truncated_and_pickle_files(base, tmp_path) -> None:
+    folder, _, _ = base
+    data = (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+    bad = tmp_path / "unet"
+    bad.mkdir()
+    (bad / "config.json").write_text((folder / "config.json").read_text())
+    (bad / "diffusion_pytorch_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConversionError, match="truncated"):
+        load_unet(bad)
+    # A destination of a failed conversion is not left behind, half-written or otherwise.
+    with pytest.raises(ConversionError):
+        from perflow_jax.models.components import convert_to_flax
+
+        convert_to_flax(bad, tmp_path / "dst", progress=False)
+    assert not (tmp_path / "dst").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".convert")]
+    os.remove(bad / "diffusion_pytorch_model.safetensors")
+    torch.save({"x": torch.zeros(1)}, bad / "diffusion_pytorch_model.bin")
+    with pytest.raises(ConversionError, match="allow_pickle=True"):
+        load_unet(bad)
+
+
+def test_convert_cli_round_trip(tmp_path, capsys) -> None:
+    """`perflow-jax convert` writes msgpack checkpoints that load without conversion and equal the source."""
+    src = tmp_path / "sd"
+    make_tiny_pipeline(str(src), "sd15")
+    g = np.random.default_rng(0)
+    _, unet_params = load_unet(src / "unet")
+    dw = {k: 0.01 * g.standard_normal(v.shape).astype(np.float32)
+          for k, v in delta_lib.torch_unet_state_dict(unet_params).items()}
+    save_file(dw, str(tmp_path / "delta_weights.safetensors"))
+    assert cli_main(["--no-cache", "convert", str(src), str(tmp_path / "flax"), "--delta", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "converted unet, vae, text_encoder" in out
+    assert sorted(os.listdir(tmp_path / "flax")) == ["model_index.json", "scheduler", "text_encoder", "tokenizer",
+                                                     "unet", "vae"]
+    assert os.path.isfile(tmp_path / "flax" / "unet" / "flax_model.msgpack")
+    _, flax_unet = load_unet(tmp_path / "flax" / "unet")
+    merged = delta_lib.merge(unet_params, delta_lib.load_delta(tmp_path, unet_params))
+    assert _same(flax_unet, merged)
+    # A second convert onto an existing folder is refused unless --overwrite.
+    assert cli_main(["--no-cache", "convert", str(src), str(tmp_path / "flax")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main(["--no-cache", "convert", str(src / "vae"), str(tmp_path / "vae_flax"), "--dtype", "bf16"]) == 0
+    # A tampered msgpack is rejected by strict checking.
+    cfg = json.loads((tmp_path / "flax" / "unet" / "config.json").read_text())
+    cfg["block_out_channels"] = [32, 128]
+    (tmp_path / "flax" / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="Flax checkpoint does not match"):
+        load_unet(tmp_path / "flax" / "unet")
+
+
+def test_cli_sample_errors(tmp_path, capsys) -> None:
+    assert cli_main(["--no-cache", "sample", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out",
+                     str(tmp_path / "o")]) == 2
+    assert "neither an existing file or folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["sample", "--model", "m", "--prompt", "x", "--out", "o", "--steps", "0"])
+
+
+def _flat(tree) -> dict:
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(dict(tree))
+
+
+def _same(a, b) -> bool:
+    """Same keys and bit-identical arrays."""
+    fa, fb = _flat(a), _flat(b)
+    return set(fa) == set(fb) and all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
