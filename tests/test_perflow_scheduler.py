@@ -77,11 +77,8 @@ def test_oracle_grid(sched: str, pred: str) -> None:
 @pytest.mark.parametrize("pred", perflow.PREDICTION_TYPES)
 @pytest.mark.parametrize("K,n", [(4, 4), (4, 8), (3, 7), (2, 5)])
 def test_matches_pytorch_transcription(pred: str, K: int, n: int) -> None:
-    """Against the reference's float32 torch arithmetic.
-
-    The ᾱ table differs by design: torch takes a float32 cumprod over 1000 factors (relative drift ~1e-6
-    at t=999), perflow_jax builds it in float64 and rounds once; trajectories then agree to ≤ 1e-5 of scale.
-    """
+    """Against the reference's float32 torch arithmetic: the same ᾱ table bit for bit and the same float32
+    formulas, so trajectories agree to float32 rounding of fused vs unfused ops (measured ≤ 4e-7 of scale)."""
     cfg = PeRFlowConfig(num_time_windows=K, prediction_type=pred)
     ref = TorchPeRFlowScheduler.from_config(cfg.to_dict())
     ref.set_timesteps(n)
@@ -94,7 +91,7 @@ def test_matches_pytorch_transcription(pred: str, K: int, n: int) -> None:
         xj = perflow.step(cfg, state, jnp.asarray(model_np(np.asarray(xj), int(t)), jnp.float32), i, xj)
     diff = float(np.max(np.abs(xt.numpy() - np.asarray(xj)))) / max(1.0, float(np.abs(xt.numpy()).max()))
     print(f"K={K} n={n} {pred}: max relative diff vs torch {diff:.2e}")
-    assert diff <= 1e-5
+    assert diff <= 1e-6
 
 
 def test_config_round_trip_through_diffusers(tmp_path) -> None:
@@ -118,7 +115,9 @@ def test_add_noise_one_based() -> None:
     ts = np.array([1, 500, 1000])
     got = perflow.add_noise(cfg, jnp.asarray(x0, jnp.float32), jnp.asarray(noise, jnp.float32), ts)
     want = np.stack([oracle.add_noise(x0[i], noise[i], int(t)) for i, t in enumerate(ts)])
-    np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+    # Like the reference, ᾱ is a float32 table: near t = 1, 1 − ᾱ ≈ 8.5e-4 then carries ~3.5e-5 relative error,
+    # ~1e-6 absolute on these samples; the float32 bound of this suite (1e-5 of scale) applies.
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * max(1.0, np.abs(want).max()))
     got_bf16 = perflow.add_noise(cfg, jnp.asarray(x0, jnp.bfloat16), jnp.asarray(noise, jnp.bfloat16), 500)
     assert got_bf16.dtype == jnp.bfloat16
 

@@ -109,4 +109,24 @@ from perflow_jax.schedulers import perflow as perflow  # noqa: E402
 
 register("perflow", perflow.PeRFlowConfig, perflow.make, class_names=("PeRFlowScheduler",))
 
-__all__ = ["Scheduler", "available", "from_config", "get", "register", "resolve_name", "perflow"]
+from perflow_jax.schedulers import (  # noqa: E402
+    ddim,
+    ddpm,
+    dpmpp_2m,
+    euler,
+    euler_ancestral,
+    lcm,
+    unipc,
+)
+
+register("ddim", ddim.DDIMConfig, ddim.make, class_names=("DDIMScheduler",))
+register("ddpm", ddpm.DDPMConfig, ddpm.make, class_names=("DDPMScheduler",))
+register("euler", euler.EulerConfig, euler.make, class_names=("EulerDiscreteScheduler",))
+register("euler_ancestral", euler_ancestral.EulerAncestralConfig, euler_ancestral.make,
+         class_names=("EulerAncestralDiscreteScheduler",))
+register("dpmpp_2m", dpmpp_2m.DPMSolverConfig, dpmpp_2m.make, class_names=("DPMSolverMultistepScheduler",))
+register("unipc", unipc.UniPCConfig, unipc.make, class_names=("UniPCMultistepScheduler",))
+register("lcm", lcm.LCMConfig, lcm.make, class_names=("LCMScheduler",))
+
+__all__ = ["Scheduler", "available", "from_config", "get", "register", "resolve_name", "perflow", "ddim", "ddpm",
+           "dpmpp_2m", "euler", "euler_ancestral", "lcm", "unipc"]

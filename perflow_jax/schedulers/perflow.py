@@ -22,7 +22,8 @@ exactly, including its quirks, which are the contract here:
 * **dt** is (next timestep − timestep)/T, and (0 − timestep)/T after the last step.
 * **add_noise** indexes ᾱ one-based: ᾱ[t − 1] for integer t in [1, T].
 
-All math is float32 whatever the sample dtype; outputs come back in the sample's dtype.
+ᾱ is the reference's own float32 table (bit-for-bit); all math is float32 whatever the sample dtype, and
+outputs come back in the sample's dtype.
 """
 
 from __future__ import annotations
@@ -101,21 +102,15 @@ class PeRFlowConfig:
         return self.window_starts[1:] + (float(self.t_clean),)
 
 
-@functools.lru_cache(maxsize=64)
-def _alphas_cumprod64(config: PeRFlowConfig) -> np.ndarray:
-    betas = common.make_betas(config.num_train_timesteps, config.beta_start, config.beta_end,
-                              config.beta_schedule, config.trained_betas)
-    return common.alphas_cumprod(betas)
-
-
 def _alphas_cumprod(config: PeRFlowConfig) -> np.ndarray:
-    return _alphas_cumprod64(config).astype(np.float32)
+    """ᾱ bit-for-bit as the reference builds it (float32 torch betas, cumprod accumulated in double)."""
+    return common.diffusers_alphas_cumprod(config)
 
 
 @functools.lru_cache(maxsize=64)
 def _noise_tables(config: PeRFlowConfig) -> tuple[np.ndarray, np.ndarray]:
-    """sqrt(ᾱ) and sqrt(1 − ᾱ) rounded once from float64 (1 − ᾱ cancels badly in float32 near t = 1)."""
-    ac = _alphas_cumprod64(config)
+    """sqrt(ᾱ) and sqrt(1 − ᾱ) of the float32 ᾱ, evaluated in float64 and rounded once."""
+    ac = _alphas_cumprod(config).astype(np.float64)
     return np.sqrt(ac).astype(np.float32), np.sqrt(1.0 - ac).astype(np.float32)
 
 
@@ -163,10 +158,6 @@ class Window(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def window_bounds(config: PeRFlowConfig, t: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array]:
     """(t_s, t_e) of the window holding each time point in `t` (any shape, float32, vectorised).
 
@@ -176,7 +167,7 @@ def window_bounds(config: PeRFlowConfig, t: jax.typing.ArrayLike) -> tuple[jax.A
     t = jnp.asarray(t, jnp.float32)
     tol = np.float32(0.1 / config.num_train_timesteps)
     in_range = (t >= np.float32(config.t_clean)) & (t <= np.float32(config.t_noise) + tol)
-    if _is_concrete(t) and not bool(jnp.all(in_range)):
+    if common.is_concrete(t) and not bool(jnp.all(in_range)):
         bad = np.asarray(t)[~np.asarray(in_range)]
         raise ValueError(
             f"Time points must lie in [t_clean, t_noise] = [{config.t_clean}, {config.t_noise}]; "
@@ -239,7 +230,7 @@ def model_output_to_velocity(config: PeRFlowConfig, model_output: jax.Array, sam
     Float32 math; returns float32. Training and previews use this; ``step`` uses the same formula with
     precomputed coefficients.
     """
-    _check_same_shape(model_output, sample)
+    common.check_same_shape(model_output, sample)
     t_c = jnp.asarray(t, jnp.float32)
     x = sample.astype(jnp.float32)
     out = model_output.astype(jnp.float32)
@@ -278,8 +269,14 @@ def reference_timesteps(config: PeRFlowConfig, num_inference_steps: int) -> np.n
     return (points * config.num_train_timesteps).astype(np.int64)
 
 
-def set_timesteps(config: PeRFlowConfig, num_inference_steps: int) -> PeRFlowState:
-    """Precompute every per-step quantity ``step`` needs (host-side; call once per step count)."""
+def set_timesteps(config: PeRFlowConfig, num_inference_steps: int,
+                  sample_shape: tuple[int, ...] | None = None) -> PeRFlowState:
+    """Precompute every per-step quantity ``step`` needs (host-side; call once per step count).
+
+    `sample_shape` is accepted for interface uniformity (multistep schedulers size their history by it)
+    and ignored: PeRFlow keeps no history.
+    """
+    del sample_shape
     timesteps = reference_timesteps(config, num_inference_steps)
     n_train = np.float32(config.num_train_timesteps)
     timepoints = timesteps.astype(np.float32) / n_train
@@ -303,27 +300,11 @@ def set_timesteps(config: PeRFlowConfig, num_inference_steps: int) -> PeRFlowSta
     )
 
 
-def _check_same_shape(model_output: jax.Array, sample: jax.Array) -> None:
-    if model_output.shape != sample.shape:
-        raise ValueError(
-            f"model_output has shape {model_output.shape} but sample has shape {sample.shape}; the model must "
-            "predict one value per sample element."
-        )
-
-
-def _check_step_index(state: PeRFlowState, step_index: Any) -> None:
-    if _is_concrete(step_index):
-        i = int(np.asarray(step_index))
-        n = state.timesteps.shape[0]
-        if not 0 <= i < n:
-            raise IndexError(f"step_index {i} is outside 0..{n - 1} for a {n}-step schedule.")
-
-
 def velocity(config: PeRFlowConfig, state: PeRFlowState, model_output: jax.Array, step_index: Any,
              sample: jax.Array) -> jax.Array:
     """The velocity at step `step_index` (float32); `step_index` may be traced."""
-    _check_same_shape(model_output, sample)
-    _check_step_index(state, step_index)
+    common.check_same_shape(model_output, sample)
+    common.check_step_index(state.timesteps.shape[0], step_index)
     x = sample.astype(jnp.float32)
     take = lambda a: a[step_index]  # noqa: E731
     return _velocity(config.prediction_type, model_output.astype(jnp.float32), x, take(state.timepoints),
@@ -349,9 +330,9 @@ def predict_window_end(config: PeRFlowConfig, state: PeRFlowState, model_output:
 def add_noise(config: PeRFlowConfig, original: jax.Array, noise: jax.Array,
               timesteps: jax.typing.ArrayLike) -> jax.Array:
     """Forward diffusion at integer timesteps t ∈ [1, T] (scalar or per sample), one-based: ᾱ[t − 1]."""
-    _check_same_shape(noise, original)
+    common.check_same_shape(noise, original)
     timesteps = jnp.asarray(timesteps)
-    if _is_concrete(timesteps):
+    if common.is_concrete(timesteps):
         ts = np.asarray(timesteps)
         if ts.size and (ts.min() < 1 or ts.max() > config.num_train_timesteps):
             raise ValueError(

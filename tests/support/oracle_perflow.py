@@ -33,7 +33,9 @@ class Oracle:
     def __init__(self, K: int, prediction_type: str, schedule: str = "scaled_linear", num_train: int = 1000,
                  beta_start: float = 0.00085, beta_end: float = 0.012, trained=None, t_clean: float = 0.0):
         self.K, self.T, self.pred = K, num_train, prediction_type
-        b = betas(num_train, schedule, beta_start, beta_end, trained)
+        # The reference stores β as a float32 tensor; the oracle mirrors that one storage step (it moves ᾱ by
+        # up to ~2e-5 relative for the cosine schedule) and computes everything else in float64.
+        b = betas(num_train, schedule, beta_start, beta_end, trained).astype(np.float32).astype(np.float64)
         self.ac = np.ones(num_train)
         prod = 1.0
         for i in range(num_train):
