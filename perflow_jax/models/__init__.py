@@ -1,0 +1,28 @@
+"""Flax Stable Diffusion models (UNet, VAE, CLIP text encoders) and their loaders from PyTorch weights.
+
+Public layout is NCHW like diffusers; parameter names follow the former diffusers/transformers Flax classes.
+"""
+
+from perflow_jax.models.clip import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTextOutput,
+    load_clip_text_model,
+)
+from perflow_jax.models.components import (
+    PipelineComponents,
+    convert_to_flax,
+    load_pipeline_components,
+    load_tokenizer,
+)
+from perflow_jax.models.convert import ConversionError, load_state_dict, torch_to_flax
+from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig, init_unet_params, load_unet
+from perflow_jax.models.vae import AutoencoderKL, VAEConfig, load_vae, scale_latents, unscale_latents
+
+__all__ = [
+    "AutoencoderKL", "CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTextOutput",
+    "ConversionError", "PipelineComponents", "UNet2DConditionModel", "UNetConfig", "VAEConfig", "convert_to_flax",
+    "init_unet_params", "load_clip_text_model", "load_pipeline_components", "load_state_dict", "load_tokenizer",
+    "load_unet", "load_vae", "scale_latents", "torch_to_flax", "unscale_latents",
+]
