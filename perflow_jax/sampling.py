@@ -27,16 +27,18 @@ def init_latents(key: jax.Array, shape: tuple[int, ...], scheduler: Scheduler, s
 
 
 def sample(scheduler: Scheduler, state: Any, denoise_fn: Denoiser, latents: jax.Array, *,
-           key: jax.Array | None = None, return_trajectory: bool = False, unroll: int = 1
+           key: jax.Array | None = None, start_step: int = 0, return_trajectory: bool = False, unroll: int = 1
            ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Run all of `state`'s steps from `latents` and return the final sample (and optionally every step's).
+    """Run `state`'s steps from `start_step` on and return the final sample (and optionally every step's).
 
     Works under ``jit`` and ``vmap``. `key` feeds ancestral schedulers one fresh key per step (unused by
-    deterministic ones). With ``return_trajectory`` the second output stacks the sample after each step,
-    shape (num_steps, *latents.shape).
+    deterministic ones). `start_step` (static) skips the first steps, as img2img does. With
+    ``return_trajectory`` the second output stacks the sample after each step run.
     """
     n = state.timesteps.shape[0]
-    keys = jax.random.split(key, n) if key is not None else None
+    if not 0 <= start_step < n:
+        raise ValueError(f"start_step must be in [0, {n}) for a {n}-step schedule, got {start_step}.")
+    keys = jax.random.split(key, n - start_step) if key is not None else None
 
     def body(carry: tuple[jax.Array, Any], xs: tuple[jax.Array, jax.Array | None]):
         x, st = carry
@@ -46,7 +48,7 @@ def sample(scheduler: Scheduler, state: Any, denoise_fn: Denoiser, latents: jax.
         x, st = scheduler.step(st, out, i, x, k)
         return (x, st), (x if return_trajectory else None)
 
-    (x, _), traj = jax.lax.scan(body, (latents, state), (jnp.arange(n), keys), unroll=unroll)
+    (x, _), traj = jax.lax.scan(body, (latents, state), (jnp.arange(start_step, n), keys), unroll=unroll)
     return (x, traj) if return_trajectory else x
 
 
