@@ -89,7 +89,8 @@ class StableDiffusionPipeline:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, *, delta: str | None = None, scheduler: str = "perflow",
                         scheduler_overrides: dict[str, Any] | None = None, dtype: Any = jnp.float32,
-                        variant: str | None = None, **kwargs: Any) -> StableDiffusionPipeline:
+                        variant: str | None = None, allow_pickle: bool = False,
+                        **kwargs: Any) -> StableDiffusionPipeline:
         """Load a diffusers SD/SDXL folder (or cached repo id), merge an optional PeRFlow ΔW, pick a scheduler.
 
         Args:
@@ -99,9 +100,10 @@ class StableDiffusionPipeline:
           scheduler_overrides: config fields overriding the model's scheduler config.
           dtype: compute and param dtype (``jnp.bfloat16`` / ``jnp.float16`` halve memory).
           variant: weights variant such as ``"fp16"``.
+          allow_pickle: allow ``.bin`` PyTorch pickles (needs torch; only for files you trust).
           kwargs: passed to the constructor (mesh, decode_chunk_size, attention options, compilation_cache).
         """
-        components = load_pipeline_components(path_or_repo_id, variant=variant)
+        components = load_pipeline_components(path_or_repo_id, variant=variant, allow_pickle=allow_pickle)
         if delta is not None:
             from perflow_jax import delta as delta_lib
 
@@ -123,7 +125,8 @@ class StableDiffusionPipeline:
         """Generate images for `prompt` (NHWC, uint8 or float in [0, 1] with ``output_type="float"``).
 
         ``latents`` (B, 4, H/8, W/8) replaces the seeded initial noise (it is scaled by the scheduler's
-        ``init_noise_sigma`` as in diffusers).
+        ``init_noise_sigma`` as in diffusers). ``guidance_scale`` ≤ 1 turns classifier-free guidance off, as
+        in diffusers.
         """
         return self._generate(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, height, width,
                               num_images_per_prompt, latents, None, 1.0, output_type)
