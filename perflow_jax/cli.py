@@ -28,14 +28,29 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _lora_arg(text: str) -> tuple[str, float]:
+    """``FILE[:SCALE]`` → (file, scale); scale defaults to 1.0."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perflow-jax", description="PeRFlow for Stable Diffusion in JAX/Flax.")
     p.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="generate images")
-    s.add_argument("--model", required=True, help="diffusers-format folder or a repo id in the local HF cache")
+    s.add_argument("--model", required=True,
+                   help="diffusers-format folder, a repo id in the local HF cache, or a single-file .safetensors")
+    s.add_argument("--base", default=None, help="for a single-file --model: a diffusers folder of the same family")
     s.add_argument("--delta", help="PeRFlow ΔW: delta_weights.safetensors, its folder, or a UNet-format ΔW folder")
+    s.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA (diffusers/PEFT or kohya layout) after ΔW; repeatable")
     s.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
     s.add_argument("--negative-prompt", default=None)
     s.add_argument("--steps", type=_positive_int, default=None, help="inference steps (default: the family's)")
@@ -55,10 +70,16 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder for PNGs and grid.png")
 
     c = sub.add_parser("convert", help="convert a PyTorch diffusers folder to Flax checkpoints")
-    c.add_argument("src", help="pipeline folder (model_index.json), one model folder, or a cached repo id")
+    c.add_argument("src", help="pipeline folder (model_index.json), one model folder, a cached repo id, or a "
+                              "single-file .safetensors checkpoint")
     c.add_argument("dst", help="destination folder (created; written atomically)")
+    c.add_argument("--to", choices=("flax", "diffusers"), default="flax",
+                   help="flax: config.json + flax_model.msgpack per model; diffusers: PyTorch-layout safetensors")
+    c.add_argument("--base", default=None, help="for a single-file src: a diffusers folder of the same family")
     c.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast params (default: keep)")
     c.add_argument("--delta", default=None, help="merge this PeRFlow ΔW into the UNet")
+    c.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA after ΔW; repeatable")
     c.add_argument("--variant", default=None, help="read this weights variant, e.g. fp16")
     c.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
     return p
@@ -83,8 +104,9 @@ def _cmd_sample(args: argparse.Namespace) -> None:
             raise CLIError(f"--strength must be in (0, 1], got {args.strength}.")
     t0 = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(
-        args.model, delta=args.delta, scheduler=args.scheduler, dtype=getattr(jnp, DTYPES[args.dtype]),
-        variant=args.variant, decode_chunk_size=args.decode_chunk_size, compilation_cache=not args.no_cache)
+        args.model, base=args.base, delta=args.delta, loras=args.lora, scheduler=args.scheduler,
+        dtype=getattr(jnp, DTYPES[args.dtype]), variant=args.variant, decode_chunk_size=args.decode_chunk_size,
+        compilation_cache=not args.no_cache)
     print(f"loaded {args.model} ({pipe.family}, scheduler {pipe.scheduler.name}) in {time.perf_counter() - t0:.1f}s")
 
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
@@ -116,9 +138,18 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     from perflow_jax.models.components import convert_to_flax
 
     dtype = getattr(jnp, DTYPES[args.dtype]) if args.dtype else None
-    info = convert_to_flax(args.src, args.dst, dtype=dtype, delta=args.delta, variant=args.variant,
-                           overwrite=args.overwrite)
-    print(f"converted {', '.join(info['components'])} to {args.dst} in {info['seconds']:.1f}s")
+    if args.to == "flax" and not args.lora and not os.path.isfile(args.src):
+        info = convert_to_flax(args.src, args.dst, dtype=dtype, delta=args.delta, variant=args.variant,
+                               overwrite=args.overwrite)
+        print(f"converted {', '.join(info['components'])} to {args.dst} in {info['seconds']:.1f}s")
+        return
+    from perflow_jax.models.export import save_pipeline
+    from perflow_jax.pipelines import load_components
+
+    t0 = time.perf_counter()
+    comps = load_components(args.src, base=args.base, delta=args.delta, loras=args.lora, variant=args.variant)
+    save_pipeline(comps, args.dst, to=args.to, dtype=dtype, overwrite=args.overwrite)
+    print(f"wrote a {args.to} pipeline folder ({comps.family}) to {args.dst} in {time.perf_counter() - t0:.1f}s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

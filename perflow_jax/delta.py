@@ -9,7 +9,6 @@ Here ΔW lives as a Flax param tree shaped exactly like the UNet's params; key s
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -22,13 +21,12 @@ from flax import traverse_util
 from perflow_jax.models.convert import (
     ConversionError,
     find_weights_file,
-    flax_to_torch,
     load_state_dict,
+    torch_state_dict,
     torch_to_flax,
 )
 
 DELTA_FILE = "delta_weights.safetensors"
-_LIST_SUFFIX = re.compile(r"^(?!linear_)(.+)_(\d+)$")  # down_blocks_0 → down_blocks.0; linear_1 stays
 
 
 def resolve_delta_file(path: str | os.PathLike, variant: str | None = None) -> str:
@@ -97,27 +95,9 @@ def extract(merged: Mapping, base: Mapping) -> dict:
                                   dict(merged), dict(base))
 
 
-def torch_unet_key(path: tuple[str, ...]) -> str:
-    """The diffusers PyTorch key of a Flax UNet param path (``down_blocks_0/.../kernel`` → ``...weight``)."""
-    *mods, leaf = path
-    parts = [m if (mm := _LIST_SUFFIX.match(m)) is None else f"{mm.group(1)}.{mm.group(2)}" for m in mods]
-    return ".".join(parts + ["weight" if leaf in ("kernel", "scale", "embedding") else leaf])
-
-
 def torch_unet_state_dict(params: Mapping, dtype: Any = None) -> dict[str, np.ndarray]:
     """Flax UNet-shaped params (or ΔW) → a PyTorch-layout state dict with diffusers key names."""
-    flat = traverse_util.flatten_dict(dict(params))
-
-    def torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-        if path[-1] == "kernel" and len(shape) == 4:
-            return (shape[3], shape[2], shape[0], shape[1])
-        if path[-1] == "kernel" and len(shape) == 2:
-            return (shape[1], shape[0])
-        return tuple(shape)
-
-    keys = {torch_unet_key(p): torch_shape(p, np.shape(v)) for p, v in flat.items()}
-    sd = flax_to_torch(params, keys, what="UNet")
-    return {k: np.ascontiguousarray(v.astype(dtype) if dtype is not None else v) for k, v in sd.items()}
+    return torch_state_dict(params, dtype=dtype, what="UNet")
 
 
 def export(delta: Mapping, path: str | os.PathLike, dtype: Any = None,

@@ -194,12 +194,12 @@ def load_clip_text_model(
     ignore = [r"(^|\.)position_ids$"] + ([] if with_projection else [r"^text_projection\."])
     if kind == "flax" and not with_projection:
         weights = {k: v for k, v in weights.items() if k != "text_projection"}
-    params = weights_to_params(kind, weights, target, rename=_rename_torch_key, ignore=ignore, dtype=dtype,
+    params = weights_to_params(kind, weights, target, rename=rename_clip_torch_key, ignore=ignore, dtype=dtype,
                                what=type(model).__name__)
     return config, jax.tree_util.tree_map(jnp.asarray, params)
 
 
-def _rename_torch_key(key: str) -> str:
+def rename_clip_torch_key(key: str) -> str:
     """transformers ≥ 5 saves a bare ``CLIPTextModel`` without the ``text_model.`` prefix; add it back."""
     if key.startswith(("text_model.", "text_projection.")):
         return key

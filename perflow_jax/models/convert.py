@@ -21,6 +21,7 @@ import numpy as np
 from flax import traverse_util
 
 _NUMBERED = re.compile(r"_(\d+)(?=\.|$)")
+_LIST_SUFFIX = re.compile(r"^(?!linear_)(.+)_(\d+)$")  # down_blocks_0 → down_blocks.0; linear_1 stays
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 _LIST_LIMIT = 20
 
@@ -117,7 +118,7 @@ def normalize_key(key: str) -> str:
     return _NUMBERED.sub(r".\1", key)
 
 
-def _to_flax_layout(value: np.ndarray, leaf: str, shape: tuple[int, ...]) -> np.ndarray:
+def to_flax_layout(value: np.ndarray, leaf: str, shape: tuple[int, ...]) -> np.ndarray:
     """Re-lay a PyTorch tensor for the Flax leaf `leaf` of shape `shape` (returns value unchanged if unknown)."""
     if leaf == "kernel":
         if value.ndim == 4:  # conv OIHW → HWIO
@@ -144,7 +145,7 @@ def _to_torch_layout(value: np.ndarray, leaf: str, torch_shape: tuple[int, ...])
     return value
 
 
-def _format_list(title: str, items: list[str]) -> str:
+def format_key_list(title: str, items: list[str]) -> str:
     shown = "\n    ".join(items[:_LIST_LIMIT])
     more = f"\n    ... and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else ""
     return f"  {title} ({len(items)}):\n    {shown}{more}"
@@ -200,7 +201,7 @@ def torch_to_flax(
             unexpected.append(f"{key} {tuple(value.shape)}")
             continue
         want_shape, _ = shapes[path]
-        arr = _to_flax_layout(np.asarray(value), path[-1], want_shape)
+        arr = to_flax_layout(np.asarray(value), path[-1], want_shape)
         if tuple(arr.shape) != want_shape:
             misshaped.append(f"{key}: file {tuple(value.shape)} → expected Flax {'/'.join(path)} {want_shape}")
             continue
@@ -213,11 +214,11 @@ def torch_to_flax(
     if missing or unexpected or misshaped:
         parts = [f"The weights do not match the {what} architecture built from its config:"]
         if missing:
-            parts.append(_format_list("missing (Flax params with no PyTorch key)", missing))
+            parts.append(format_key_list("missing (Flax params with no PyTorch key)", missing))
         if unexpected:
-            parts.append(_format_list("unexpected (PyTorch keys with no Flax param)", unexpected))
+            parts.append(format_key_list("unexpected (PyTorch keys with no Flax param)", unexpected))
         if misshaped:
-            parts.append(_format_list("mis-shaped", misshaped))
+            parts.append(format_key_list("mis-shaped", misshaped))
         parts.append("Check that config.json belongs to these weights (same model family and sizes).")
         raise ConversionError("\n".join(parts))
     return traverse_util.unflatten_dict(filled)
@@ -256,12 +257,42 @@ def flax_to_torch(
     if missing or extra:
         parts = [f"Flax {what} params do not map one-to-one onto the PyTorch keys:"]
         if missing:
-            parts.append(_format_list("PyTorch keys with no Flax param", missing))
+            parts.append(format_key_list("PyTorch keys with no Flax param", missing))
         if extra:
-            parts.append(_format_list("Flax params with no PyTorch key", extra))
+            parts.append(format_key_list("Flax params with no PyTorch key", extra))
         raise ConversionError("\n".join(parts))
     return out
 
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """The diffusers PyTorch key of a Flax param path: ``down_blocks_0/.../kernel`` → ``down_blocks.0....weight``.
+
+    Numbered module lists (``name_N``) become ``name.N``, except diffusers' ``linear_1``/``linear_2`` layers.
+    """
+    *mods, leaf = path
+    parts = [m if (mm := _LIST_SUFFIX.match(m)) is None else f"{mm.group(1)}.{mm.group(2)}" for m in mods]
+    return ".".join(parts + ["weight" if leaf in _WEIGHT_LEAVES else leaf])
+
+
+def torch_layout_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch shape of a Flax leaf: conv HWIO → OIHW, linear (in, out) → (out, in), others unchanged."""
+    if leaf == "kernel" and len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    if leaf == "kernel" and len(shape) == 2:
+        return (shape[1], shape[0])
+    return tuple(shape)
+
+
+def torch_state_dict(params: Mapping, *, key: Callable[[str], str] = lambda k: k,
+                     rename: Callable[[str], str] | None = None, dtype: Any = None,
+                     what: str = "model") -> dict[str, np.ndarray]:
+    """Flax params → PyTorch-layout arrays named ``key(torch_key(path))``; `rename` maps a PyTorch key back to
+    the Flax naming for :func:`flax_to_torch`'s strict matching (e.g. the VAE's ``to_q`` → ``query``)."""
+    flat = traverse_util.flatten_dict(jax.device_get(dict(params)))
+    keys = {key(torch_key(p)): torch_layout_shape(p[-1], np.shape(v)) for p, v in flat.items()}
+    sd = flax_to_torch(traverse_util.unflatten_dict(flat), keys, rename=rename, what=what)
+    return {k: np.ascontiguousarray(v.astype(dtype) if dtype is not None else v) for k, v in sd.items()}
 
 # ----------------------------------------------------------------------------------------------------------
 # Converted Flax checkpoints (msgpack) and the one entry point the model loaders use
@@ -320,7 +351,7 @@ def _check_flax_tree(tree: Mapping, target: Any, dtype: Any, what: str) -> dict:
         parts = [f"The Flax checkpoint does not match the {what} architecture built from its config:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if items:
-                parts.append(_format_list(title, items))
+                parts.append(format_key_list(title, items))
         raise ConversionError("\n".join(parts))
     if dtype is not None:
         got = {k: v.astype(dtype) for k, v in got.items()}

@@ -87,15 +87,19 @@ class StableDiffusionPipeline:
     # ------------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str, *, delta: str | None = None, scheduler: str = "perflow",
+    def from_pretrained(cls, path_or_repo_id: str, *, base: str | None = None, delta: str | None = None,
+                        loras: Sequence[tuple[str, float]] = (), scheduler: str = "perflow",
                         scheduler_overrides: dict[str, Any] | None = None, dtype: Any = jnp.float32,
                         variant: str | None = None, allow_pickle: bool = False,
                         **kwargs: Any) -> StableDiffusionPipeline:
-        """Load a diffusers SD/SDXL folder (or cached repo id), merge an optional PeRFlow ΔW, pick a scheduler.
+        """Load a model, merge an optional PeRFlow ΔW and LoRAs, and pick a scheduler.
 
         Args:
-          path_or_repo_id: a diffusers-format folder or a repo id in the local Hugging Face cache.
+          path_or_repo_id: a diffusers-format folder, a repo id in the local Hugging Face cache, or a
+            single-file LDM/SGM ``.safetensors`` checkpoint (then `base` is required).
+          base: for a single file: a diffusers folder of the same family (tokenizers, scheduler, configs).
           delta: PeRFlow ΔW (``delta_weights.safetensors``, its folder, or a UNet-format ΔW folder).
+          loras: ``(file, scale)`` pairs in the diffusers/PEFT or kohya layout, merged after ΔW.
           scheduler: registry name (``"perflow"``, ``"ddim"``, ...) or a diffusers class name.
           scheduler_overrides: config fields overriding the model's scheduler config.
           dtype: compute and param dtype (``jnp.bfloat16`` / ``jnp.float16`` halve memory).
@@ -103,12 +107,8 @@ class StableDiffusionPipeline:
           allow_pickle: allow ``.bin`` PyTorch pickles (needs torch; only for files you trust).
           kwargs: passed to the constructor (mesh, decode_chunk_size, attention options, compilation_cache).
         """
-        components = load_pipeline_components(path_or_repo_id, variant=variant, allow_pickle=allow_pickle)
-        if delta is not None:
-            from perflow_jax import delta as delta_lib
-
-            dw = delta_lib.load_delta(delta, components.unet_params)
-            components.unet_params = delta_lib.merge(components.unet_params, dw)
+        components = load_components(path_or_repo_id, base=base, delta=delta, loras=loras, variant=variant,
+                                     allow_pickle=allow_pickle)
         return cls(components, make_scheduler(components, scheduler, scheduler_overrides), dtype=dtype, **kwargs)
 
     def _replicate(self, tree: Any) -> Any:
@@ -329,6 +329,37 @@ class StableDiffusionPipeline:
         time_ids = jnp.concatenate([size, jnp.zeros(2, jnp.float32), size])
         return {"encoder_hidden_states": hidden, "text_embeds": out2.text_embeds,
                 "time_ids": jnp.broadcast_to(time_ids, (b, 6))}
+
+
+def load_components(path_or_repo_id: str, *, base: str | None = None, delta: str | None = None,
+                    loras: Sequence[tuple[str, float]] = (), variant: str | None = None,
+                    allow_pickle: bool = False) -> PipelineComponents:
+    """Components from a diffusers folder / cached repo id or a single-file checkpoint, then ΔW, then LoRAs.
+
+    ΔW is merged first because it is defined against the exact base weights (and checked against the whole
+    UNet); LoRAs are stacked on whatever model they are loaded into.
+    """
+    import os
+
+    if os.path.isfile(path_or_repo_id):
+        from perflow_jax.models.single_file import load_single_file
+
+        components = load_single_file(path_or_repo_id, base=base)
+    else:
+        if base is not None:
+            raise ValueError("base= is only used with a single-file checkpoint; a diffusers folder has its own "
+                             "tokenizers and scheduler.")
+        components = load_pipeline_components(path_or_repo_id, variant=variant, allow_pickle=allow_pickle)
+    if delta is not None:
+        from perflow_jax import delta as delta_lib
+
+        components.unet_params = delta_lib.merge(components.unet_params,
+                                                 delta_lib.load_delta(delta, components.unet_params))
+    if loras:
+        from perflow_jax.lora import load_lora, merge_loras
+
+        components = merge_loras(components, [(load_lora(f), float(scale)) for f, scale in loras])
+    return components
 
 
 def make_scheduler(components: PipelineComponents, name: str = "perflow",

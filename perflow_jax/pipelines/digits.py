@@ -1,0 +1,211 @@
+"""The built-in digits model: a tiny class-conditional pixel-space UNet on scikit-learn's 8×8 digits.
+
+It is the package's embedded default, small enough to train and run on a laptop CPU: the teacher is an
+ε-prediction diffusion model and the PeRFlow student is a ΔW over it, both shipped under
+``perflow_jax/assets/digits/``. The "prompt" is a class label 0–9; label 10 is the null class used for
+classifier-free guidance. The UNet's cross-attention context is a constant zero token (the class enters
+through the class embedding), so the model is our ordinary :class:`UNet2DConditionModel`.
+
+    pipe = DigitsPipeline.from_builtin("perflow")
+    images = pipe([7] * 8, num_inference_steps=4)     # (8, 8, 8) uint8
+    save_grid(images, "out/sevens.png")
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perflow_jax import sampling, schedulers
+from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+NUM_CLASSES = 10
+NULL_CLASS = 10
+IMAGE_SIZE = 8
+CONTEXT_DIM = 8
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
+
+UNET_CONFIG = UNetConfig(
+    sample_size=IMAGE_SIZE,
+    in_channels=1,
+    out_channels=1,
+    down_block_types=("DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D"),
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    cross_attention_dim=CONTEXT_DIM,
+    attention_head_dim=4,
+    num_class_embeds=NUM_CLASSES + 1,
+)
+
+# The teacher's noise schedule: Stable Diffusion's (scaled_linear; the PeRFlow defaults, so the exported
+# scheduler_config.json is the PyTorch pipeline's usual one). ᾱ_T ≈ 0.0047.
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and model function
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_digits_data(split: str = "train", seed: int = 0, holdout: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ((N, 1, 8, 8) float32 in [-1, 1], (N,) int32 labels).
+
+    A fixed stratified split keeps `holdout` images out of training ("test") for evaluation.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}.")
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 8.0 - 1.0)[:, None]
+    y = d.target.astype(np.int32)
+    if split == "all":
+        return x, y
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=holdout, random_state=seed, stratify=y)
+    return (x_tr, y_tr) if split == "train" else (x_te, y_te)
+
+
+def context(batch: int) -> jax.Array:
+    """The constant cross-attention context: one zero token per sample, (B, 1, CONTEXT_DIM)."""
+    return jnp.zeros((batch, 1, CONTEXT_DIM), jnp.float32)
+
+
+def model_fn(params: Any, x: jax.Array, timesteps: jax.Array, labels: jax.Array) -> jax.Array:
+    """The digits UNet as ``teacher_fn(x, timesteps (B,), cond)`` with the class labels as the condition."""
+    return UNet2DConditionModel(UNET_CONFIG).apply({"params": params}, x, timesteps, context(x.shape[0]),
+                                                   class_labels=labels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pipeline
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _load_safetensors_params(path: str) -> dict:
+    from perflow_jax.delta import load_delta
+
+    # A full-weights file in PyTorch layout reads exactly like ΔW: same keys, same shapes.
+    from perflow_jax.models.unet import unet_param_shapes
+
+    return load_delta(path, unet_param_shapes(UNET_CONFIG))
+
+
+class DigitsPipeline:
+    """Class-conditional digit generation with the teacher or the PeRFlow student (one jit per shape)."""
+
+    def __init__(self, params: Any, scheduler_config: dict[str, Any], default_scheduler: str = "perflow",
+                 default_guidance: float = 1.0):
+        self.params = params
+        self.scheduler_config = dict(scheduler_config)
+        self.default_scheduler = default_scheduler
+        self.default_guidance = float(default_guidance)
+        self._jitted: dict[tuple, Any] = {}
+
+    @classmethod
+    def from_builtin(cls, which: str = "perflow", assets: str = ASSETS) -> DigitsPipeline:
+        """Load the shipped weights: "perflow" (teacher + ΔW merged) or "teacher"."""
+        from perflow_jax.delta import load_delta, merge
+
+        if which not in ("perflow", "teacher"):
+            raise ValueError(f"which must be 'perflow' or 'teacher', got {which!r}.")
+        teacher = _load_safetensors_params(os.path.join(assets, "teacher.safetensors"))
+        with open(os.path.join(assets, "model_index.json"), encoding="utf-8") as f:
+            index = json.load(f)
+        if which == "teacher":
+            return cls(teacher, index["teacher_scheduler"], "ddim", index.get("teacher_guidance", 1.0))
+        delta = load_delta(os.path.join(assets, "perflow_delta.safetensors"), teacher)
+        with open(os.path.join(assets, "scheduler_config.json"), encoding="utf-8") as f:
+            sched = json.load(f)
+        return cls(merge(teacher, delta), sched, "perflow", index.get("perflow_guidance", 1.0))
+
+    def make_scheduler(self, name: str) -> schedulers.Scheduler:
+        """The named scheduler over this model's noise schedule (PeRFlow settings from its config)."""
+        if name == "perflow":
+            return schedulers.from_config(self.scheduler_config, name="perflow")
+        base = {k: self.scheduler_config[k] for k in ("num_train_timesteps", "beta_start", "beta_end",
+                                                      "beta_schedule") if k in self.scheduler_config}
+        extra = dict(clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing") if name == "ddim" else {}
+        return schedulers.get(name, **base, **extra)
+
+    def _sampler(self, scheduler: str, steps: int, batch: int):
+        key = (scheduler, steps, batch)
+        if key not in self._jitted:
+            sched = self.make_scheduler(scheduler)
+            state = sched.set_timesteps(steps)
+
+            @jax.jit
+            def run(params, labels, guidance, seed):
+                fn = functools.partial(model_fn, params)
+                null = jnp.full_like(labels, NULL_CLASS)
+                denoise = sampling.classifier_free_guidance(fn, labels, null, guidance)
+                x = sampling.init_latents(jax.random.key(seed), (batch, 1, IMAGE_SIZE, IMAGE_SIZE), sched, state)
+                return sampling.sample(sched, state, denoise, x, key=jax.random.key(seed + 1))
+
+            self._jitted[key] = run
+        return self._jitted[key]
+
+    def sample_float(self, labels: Sequence[int], num_inference_steps: int = 4, guidance_scale: float | None = None,
+                     seed: int = 0, scheduler: str | None = None) -> np.ndarray:
+        """Samples in [-1, 1] as float32 (B, 1, 8, 8) (for evaluation)."""
+        labels = np.asarray(labels, np.int32).reshape(-1)
+        if labels.size == 0 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
+            raise ValueError(f"labels must be a non-empty sequence of digits 0-9, got {labels.tolist()}.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}.")
+        scheduler = scheduler or self.default_scheduler
+        guidance = self.default_guidance if guidance_scale is None else float(guidance_scale)
+        run = self._sampler(scheduler, num_inference_steps, labels.size)
+        x = run(self.params, jnp.asarray(labels), jnp.float32(guidance), jnp.uint32(seed))
+        return np.asarray(x, np.float32)
+
+    def __call__(self, labels: Sequence[int], num_inference_steps: int = 4, guidance_scale: float | None = None,
+                 seed: int = 0, scheduler: str | None = None) -> np.ndarray:
+        """Generate one 8×8 digit per label; returns (B, H, W) uint8 (0 = background, 255 = ink)."""
+        x = self.sample_float(labels, num_inference_steps, guidance_scale, seed, scheduler)
+        return to_uint8(x)
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """[-1, 1] (B, 1, H, W) → (B, H, W) uint8."""
+    return np.clip(np.round((np.asarray(x)[:, 0] + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def save_grid(images: np.ndarray, path: str | os.PathLike, ncol: int | None = None, scale: int = 8,
+              pad: int = 1) -> str:
+    """Write (B, H, W) uint8 images as one PNG grid (atomic: temp file + rename). Returns the path."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"save_grid needs (B, H, W) uint8 images, got {images.shape} {images.dtype}.")
+    b, h, w = images.shape
+    ncol = ncol or min(b, 10)
+    nrow = -(-b // ncol)
+    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad), np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
+    grid = np.kron(grid, np.ones((scale, scale), np.uint8))
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".grid-", suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        Image.fromarray(grid).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
