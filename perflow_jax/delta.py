@@ -9,7 +9,6 @@ Here ΔW lives as a Flax param tree shaped exactly like the UNet's params; key s
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from perflow_jax.io import atomic_file
 from perflow_jax.models.convert import (
     ConversionError,
     find_weights_file,
@@ -114,14 +114,6 @@ def export(delta: Mapping, path: str | os.PathLike, dtype: Any = None,
         os.makedirs(path, exist_ok=True)
         path = os.path.join(path, DELTA_FILE)
     sd = torch_unet_state_dict(jax.device_get(dict(delta)), dtype=dtype)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".delta-", suffix=".safetensors.tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(sd, tmp, metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import numpy as np
+
+from perflow_jax.io import atomic_file
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
@@ -34,17 +35,9 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> str:
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"save_png expects uint8 pixels, got {image.dtype}.")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".img-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image).save(tmp,
                                                                                                        format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -115,7 +115,7 @@ def test_truncated_and_pickle_files(base, tmp_path) -> None:
         from perflow_jax.models.components import convert_to_flax
 
         convert_to_flax(bad, tmp_path / "dst", progress=False)
-    assert not (tmp_path / "dst").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".convert")]
+    assert not (tmp_path / "dst").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
     os.remove(bad / "diffusion_pytorch_model.safetensors")
     torch.save({"x": torch.zeros(1)}, bad / "diffusion_pytorch_model.bin")
     with pytest.raises(ConversionError, match="allow_pickle=True"):

@@ -69,7 +69,7 @@ def torch_trajectory(sched: schedulers.Scheduler, n: int, latents: np.ndarray, n
     current = {"i": 0}
 
     def fake_randn(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, **kw: Any):
-        return torch.from_numpy(noises[current["i"]]).to(dtype or torch.float32)
+        return torch.from_numpy(np.array(noises[current["i"]])).to(dtype or torch.float32)
 
     monkeypatch.setattr(importlib.import_module(f"diffusers.schedulers.{TORCH_MODULES[sched.name]}"),
                         "randn_tensor", fake_randn, raising=False)

@@ -158,17 +158,17 @@ def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: An
     never half-written. Returns ``{"components": [...], "seconds": ...}``.
     """
     import shutil
-    import tempfile
     import time
 
     from tqdm.auto import tqdm
 
+    from perflow_jax.io import atomic_dir
     from perflow_jax.models.convert import FLAX_WEIGHTS, save_flax_checkpoint
 
     t0 = time.perf_counter()
     root = resolve_model_path(src)
     dst = os.path.abspath(os.fspath(dst))
-    if os.path.exists(dst) and not overwrite:
+    if os.path.exists(dst) and not overwrite:  # fail before any work; atomic_dir checks again at the end
         raise FileExistsError(f"{dst!r} already exists; choose another destination or pass overwrite=True.")
     is_pipeline = os.path.isfile(os.path.join(root, "model_index.json"))
     if is_pipeline:
@@ -180,10 +180,7 @@ def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: An
     if delta is not None and not (("unet" in models) or (not is_pipeline and _component_kind(root) == "unet")):
         raise ValueError("delta= merges a PeRFlow ΔW into a UNet, but the source has no UNet.")
 
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-    try:
+    with atomic_dir(dst, overwrite=overwrite) as tmp:
         for name in tqdm(models, desc="converting", disable=not progress):
             folder = os.path.join(root, name) if name else root
             kind = name or _component_kind(folder)
@@ -200,14 +197,4 @@ def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: An
             shutil.copytree(os.path.join(root, name), os.path.join(tmp, name))
         if is_pipeline:
             shutil.copy2(os.path.join(root, "model_index.json"), os.path.join(tmp, "model_index.json"))
-        if os.path.exists(dst):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.rename(dst, os.path.join(old, "x"))
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return {"components": [m or _component_kind(root) for m in models], "seconds": time.perf_counter() - t0}

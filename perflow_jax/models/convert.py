@@ -307,22 +307,14 @@ def flax_weights_name(variant: str | None = None) -> str:
 
 def save_flax_checkpoint(params: Mapping, path: str | os.PathLike) -> str:
     """Write params as Flax msgpack (the former diffusers ``flax_model.msgpack`` format), atomically."""
-    import tempfile
-
     from flax import serialization
 
+    from perflow_jax.io import atomic_file
+
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     data = serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, dict(params)))
-    fd, tmp = tempfile.mkstemp(prefix=".flax-", suffix=".msgpack.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
     return path
 
 

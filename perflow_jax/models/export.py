@@ -13,8 +13,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,6 +20,7 @@ import jax
 import numpy as np
 
 from perflow_jax.delta import torch_unet_state_dict
+from perflow_jax.io import atomic_dir
 from perflow_jax.models.components import PipelineComponents
 from perflow_jax.models.convert import FLAX_WEIGHTS, save_flax_checkpoint, torch_state_dict
 from perflow_jax.models.layers import rename_torch_attention
@@ -108,12 +107,7 @@ def save_pipeline(components: PipelineComponents, dst: str | os.PathLike, *, to:
     if to not in ("diffusers", "flax"):
         raise ValueError(f"to= must be 'diffusers' or 'flax', got {to!r}.")
     dst = os.path.abspath(os.fspath(dst))
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst!r} already exists; choose another destination or pass overwrite=True.")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
+    with atomic_dir(dst, overwrite=overwrite) as tmp:
         c = components
         _write_model(os.path.join(tmp, "unet"), {"_class_name": "UNet2DConditionModel", **c.unet_config.to_dict()},
                      c.unet_params, torch_unet_state_dict, "diffusion_pytorch_model.safetensors", to, dtype)
@@ -130,14 +124,4 @@ def save_pipeline(components: PipelineComponents, dst: str | os.PathLike, *, to:
             os.makedirs(os.path.join(tmp, "scheduler"))
             _write_json(c.scheduler_config, os.path.join(tmp, "scheduler", "scheduler_config.json"))
         _write_json(_model_index(c), os.path.join(tmp, "model_index.json"))
-        if os.path.exists(dst):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.rename(dst, os.path.join(old, "x"))
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return dst

@@ -502,6 +502,12 @@ def timestep_index(schedule: jax.Array, timesteps: jax.typing.ArrayLike) -> jax.
     return idx.reshape(t.shape)
 
 
+def add_noise_discrete(cfg: Any, original: jax.Array, noise: jax.Array, timesteps: jax.typing.ArrayLike) -> jax.Array:
+    """diffusers' DDPM-family ``add_noise``: sqrt(ᾱ_t)·x₀ + sqrt(1 − ᾱ_t)·ε at zero-based integer timesteps."""
+    ac = train_alphas_cumprod(jnp.asarray(diffusers_alphas_cumprod(cfg)), timesteps, cfg.num_train_timesteps)
+    return add_noise_vp(original, noise, jnp.sqrt(ac), jnp.sqrt(1 - ac))
+
+
 def add_noise_vp(original: jax.Array, noise: jax.Array, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
     """α·x₀ + σ·ε in float32 with per-sample (or scalar) α, σ; returned in `original`'s dtype."""
     check_same_shape(noise, original)

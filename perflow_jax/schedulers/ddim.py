@@ -121,9 +121,7 @@ def add_noise(config: DDIMConfig, original: jax.Array, noise: jax.Array, timeste
               state: DDIMState | None = None) -> jax.Array:
     """Forward diffusion sqrt(ᾱ_t)·x₀ + sqrt(1 − ᾱ_t)·ε at zero-based integer timesteps (scalar or (B,))."""
     del state
-    ac = common.train_alphas_cumprod(jnp.asarray(common.diffusers_alphas_cumprod(config)), timesteps,
-                                     config.num_train_timesteps)
-    return common.add_noise_vp(original, noise, jnp.sqrt(ac), jnp.sqrt(1 - ac))
+    return common.add_noise_discrete(config, original, noise, timesteps)
 
 
 def make(config: DDIMConfig) -> Any:
