@@ -1,8 +1,9 @@
-"""The ``perflow-jax`` command: ``sample`` and ``convert``.
+"""The ``perflow-jax`` command: ``sample``, ``convert`` and ``train``.
 
-``perflow-jax sample`` generates images with a diffusers-format SD/SDXL model (plus an optional PeRFlow
-ΔW) and writes PNGs and a grid; ``perflow-jax convert`` turns a PyTorch diffusers folder into Flax
-checkpoints so later loads skip conversion. JAX's persistent compilation cache is on (``--no-cache`` or
+``perflow-jax sample`` generates images with a diffusers-format SD/SDXL model or a single-file checkpoint
+(plus an optional PeRFlow ΔW and LoRAs) and writes PNGs and a grid; ``perflow-jax convert`` turns PyTorch
+weights into Flax checkpoints (or a merged model back into a diffusers folder); ``perflow-jax train`` runs
+PeRFlow reflow training from a YAML config. JAX's persistent compilation cache is on (``--no-cache`` or
 ``PERFLOW_JAX_CACHE_DIR=off`` switches it off).
 """
 
@@ -46,12 +47,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images")
     s.add_argument("--model", required=True,
-                   help="diffusers-format folder, a repo id in the local HF cache, or a single-file .safetensors")
+                   help="'digits' (built-in PeRFlow model) or 'digits-teacher', a diffusers-format folder, a repo "
+                        "id in the local HF cache, or a single-file .safetensors")
     s.add_argument("--base", default=None, help="for a single-file --model: a diffusers folder of the same family")
     s.add_argument("--delta", help="PeRFlow ΔW: delta_weights.safetensors, its folder, or a UNet-format ΔW folder")
     s.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA (diffusers/PEFT or kohya layout) after ΔW; repeatable")
-    s.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
+    s.add_argument("--prompt", required=True, nargs="+", help="one or more prompts (digits 0-9 for 'digits')")
     s.add_argument("--negative-prompt", default=None)
     s.add_argument("--steps", type=_positive_int, default=None, help="inference steps (default: the family's)")
     s.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the family's)")
@@ -63,7 +65,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--width", type=int, default=None)
     s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     s.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
-    s.add_argument("--scheduler", default="perflow", help="perflow (default) or another registered scheduler")
+    s.add_argument("--scheduler", default=None,
+                   help="perflow (default; ddim for digits-teacher) or another registered scheduler")
     s.add_argument("--init-image", default=None, help="img2img: an RGB image file")
     s.add_argument("--strength", type=float, default=0.6, help="img2img strength in (0, 1]")
     s.add_argument("--decode-chunk-size", type=_positive_int, default=None, help="VAE decode chunk (memory)")
@@ -82,10 +85,48 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="merge a LoRA after ΔW; repeatable")
     c.add_argument("--variant", default=None, help="read this weights variant, e.g. fp16")
     c.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+
+    t = sub.add_parser("train", help="PeRFlow reflow training from a YAML config")
+    t.add_argument("--config", required=True, help="YAML training config (see configs/ and docs/training.md)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=400")
     return p
 
 
+DIGITS_MODELS = {"digits": "perflow", "digits-teacher": "teacher"}
+
+
+def _cmd_sample_digits(args: argparse.Namespace) -> None:
+    """The built-in class-conditional digits model: each prompt is a digit; images are 8×8, saved ×8."""
+    import numpy as np
+
+    from perflow_jax.images import save_batch
+    from perflow_jax.pipelines.digits import DigitsPipeline, save_grid
+
+    if args.delta or args.lora or args.base or args.init_image:
+        raise CLIError("--delta, --lora, --base and --init-image apply to Stable Diffusion models, not 'digits'.")
+    labels = []
+    for p in args.prompt:
+        if not (p.isdigit() and len(p) == 1):
+            raise CLIError(f"the digits model takes digits 0-9 as prompts, got {p!r}.")
+        labels += [int(p)] * args.num_images
+    pipe = DigitsPipeline.from_builtin(DIGITS_MODELS[args.model])
+    kw = dict(num_inference_steps=args.steps or 4, guidance_scale=args.guidance, seed=args.seed,
+              scheduler=args.scheduler)
+    t0 = time.perf_counter()
+    pipe(labels, **kw)
+    t1 = time.perf_counter()
+    images = pipe(labels, **kw)
+    t2 = time.perf_counter()
+    save_batch(np.kron(images, np.ones((1, 8, 8), np.uint8)), args.out)  # 8×8 digits are too small to see
+    grid = save_grid(images, os.path.join(args.out, "grid.png"), ncol=args.num_images if len(args.prompt) > 1 else None)
+    print(f"{args.model} ({pipe.default_scheduler if args.scheduler is None else args.scheduler}, "
+          f"{kw['num_inference_steps']} steps): compile {max(t1 - t0 - (t2 - t1), 0.0):.2f}s, run {t2 - t1:.3f}s "
+          f"for {len(images)} images; wrote {len(images)} PNGs and {grid}")
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
+    if args.model in DIGITS_MODELS:
+        return _cmd_sample_digits(args)
     import jax.numpy as jnp
     import numpy as np
     from tqdm.auto import tqdm
@@ -104,7 +145,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
             raise CLIError(f"--strength must be in (0, 1], got {args.strength}.")
     t0 = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(
-        args.model, base=args.base, delta=args.delta, loras=args.lora, scheduler=args.scheduler,
+        args.model, base=args.base, delta=args.delta, loras=args.lora, scheduler=args.scheduler or "perflow",
         dtype=getattr(jnp, DTYPES[args.dtype]), variant=args.variant, decode_chunk_size=args.decode_chunk_size,
         compilation_cache=not args.no_cache)
     print(f"loaded {args.model} ({pipe.family}, scheduler {pipe.scheduler.name}) in {time.perf_counter() - t0:.1f}s")
@@ -152,6 +193,20 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote a {args.to} pipeline folder ({comps.family}) to {args.dst} in {time.perf_counter() - t0:.1f}s")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    import json
+
+    from perflow_jax.training.train import train_from_config
+
+    if not os.path.isfile(args.config):
+        raise CLIError(f"--config {args.config!r} does not exist.")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise CLIError(f"overrides must be key=value, got {bad}.")
+    summary = train_from_config(args.config, list(args.overrides))
+    print(json.dumps(summary, indent=2, default=str))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 user error)."""
     args = _build_parser().parse_args(argv)
@@ -159,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     enable_compilation_cache(enable=not args.no_cache)
     try:
-        {"sample": _cmd_sample, "convert": _cmd_convert}[args.command](args)
+        {"sample": _cmd_sample, "convert": _cmd_convert, "train": _cmd_train}[args.command](args)
     except (CLIError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"perflow-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

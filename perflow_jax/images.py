@@ -10,8 +10,9 @@ import numpy as np
 from perflow_jax.io import atomic_file
 
 
-def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tile a batch of uint8 images (B, H, W[, C]) into one image, `ncols` wide (default ≈ √B)."""
+def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2, fill: int = 255) -> np.ndarray:
+    """Tile a batch of uint8 images (B, H, W[, C]) into one image, `ncols` wide (default ≈ √B), separated by
+    `pad` pixels of value `fill`."""
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[..., None]
@@ -20,7 +21,7 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.
     b, h, w, c = images.shape
     ncols = ncols or math.ceil(math.sqrt(b))
     nrows = math.ceil(b / ncols)
-    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, dtype=images.dtype)
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), fill, dtype=images.dtype)
     for i, img in enumerate(images):
         r, col = divmod(i, ncols)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img

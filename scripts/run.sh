@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Main job. Sets up .venv (perflow-jax, CPU JAX) and runs it.
-# Until the built-in digits model and `perflow-jax sample` land, it benchmarks the jitted PeRFlow loop.
+# Main job: set up .venv (perflow-jax on CPU JAX) and sample the built-in PeRFlow digits model in 4 steps,
+# writing PNGs and grid.png to out/digits. Extra arguments go to `perflow-jax sample`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -9,4 +9,5 @@ VENV=${PERFLOW_JAX_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e .
-exec "$VENV/bin/python" scripts/bench_scheduler.py "$@"
+exec "$VENV/bin/perflow-jax" sample --model digits --prompt 0 1 2 3 4 5 6 7 8 9 --num-images 4 --steps 4 \
+    --out out/digits "$@"

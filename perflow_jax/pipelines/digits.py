@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax import sampling, schedulers
+from perflow_jax.images import make_grid, save_png
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 NUM_CLASSES = 10
@@ -92,10 +92,9 @@ def model_fn(params: Any, x: jax.Array, timesteps: jax.Array, labels: jax.Array)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _load_safetensors_params(path: str) -> dict:
+def load_unet_weights(path: str) -> dict:
+    """Full UNet weights from PyTorch-layout safetensors (they read exactly like a ΔW file)."""
     from perflow_jax.delta import load_delta
-
-    # A full-weights file in PyTorch layout reads exactly like ΔW: same keys, same shapes.
     from perflow_jax.models.unet import unet_param_shapes
 
     return load_delta(path, unet_param_shapes(UNET_CONFIG))
@@ -119,7 +118,7 @@ class DigitsPipeline:
 
         if which not in ("perflow", "teacher"):
             raise ValueError(f"which must be 'perflow' or 'teacher', got {which!r}.")
-        teacher = _load_safetensors_params(os.path.join(assets, "teacher.safetensors"))
+        teacher = load_unet_weights(os.path.join(assets, "teacher.safetensors"))
         with open(os.path.join(assets, "model_index.json"), encoding="utf-8") as f:
             index = json.load(f)
         if which == "teacher":
@@ -183,29 +182,9 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 def save_grid(images: np.ndarray, path: str | os.PathLike, ncol: int | None = None, scale: int = 8,
               pad: int = 1) -> str:
-    """Write (B, H, W) uint8 images as one PNG grid (atomic: temp file + rename). Returns the path."""
-    from PIL import Image
-
+    """Write (B, H, W) uint8 digits as one PNG grid, `scale`× enlarged on black (atomic). Returns the path."""
     images = np.asarray(images)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(f"save_grid needs (B, H, W) uint8 images, got {images.shape} {images.dtype}.")
-    b, h, w = images.shape
-    ncol = ncol or min(b, 10)
-    nrow = -(-b // ncol)
-    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad), np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, ncol)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
-    grid = np.kron(grid, np.ones((scale, scale), np.uint8))
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".grid-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        Image.fromarray(grid).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    grid = make_grid(images, ncols=ncol or min(len(images), 10), pad=pad, fill=0)
+    return save_png(np.kron(grid, np.ones((scale, scale), np.uint8)), path)

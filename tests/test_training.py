@@ -1,0 +1,263 @@
+"""PeRFlow training: the window solver against a float64 NumPy oracle, targets against the scheduler, the
+training loop (loss goes down, bit-identical resume, 4-device data parallel = 1 device) and config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perflow_jax.models.unet import UNetConfig, init_unet_params
+from perflow_jax.schedulers import common
+from perflow_jax.schedulers import perflow as pf
+from perflow_jax.training import reflow, solver
+from perflow_jax.training import train as train_lib
+
+T = 1000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Solver vs. an independent float64 oracle of the reference solver's formulas
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _toy_teacher(x, timesteps, cond):
+    """A smooth, condition- and time-dependent stand-in for a UNet (works for NumPy and JAX inputs)."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    t = xp.asarray(timesteps).reshape((-1,) + (1,) * (x.ndim - 1)) / 1000.0
+    c = xp.asarray(cond).reshape((-1,) + (1,) * (x.ndim - 1))
+    return 0.6 * x * (1.0 - 0.3 * t) + 0.2 * c + 0.1 * xp.sin(3 * x)
+
+
+def _oracle_solve(x, t_start, t_end, cond, n, k, prediction_type, ac, final, uncond=None, w=1.0):
+    x = np.asarray(x, np.float64)
+    ac = np.asarray(ac, np.float64)
+    stride = T // (k * n)
+    for i in range(n):
+        tp = t_start + (t_end - t_start) / n * i
+        ts = np.round(T * tp - 1).astype(np.int64)
+        prev = ts - stride
+        a = ac[ts][:, None, None, None]
+        a_prev = np.where(prev >= 0, ac[np.clip(prev, 0, T - 1)], final)[:, None, None, None]
+        out = _toy_teacher(x, ts, cond)
+        if uncond is not None:
+            out_u = _toy_teacher(x, ts, uncond)
+            out = out_u + w * (out - out_u)
+        if prediction_type == "epsilon":
+            x0, eps = (x - np.sqrt(1 - a) * out) / np.sqrt(a), out
+        else:
+            x0, eps = np.sqrt(a) * x - np.sqrt(1 - a) * out, np.sqrt(a) * out + np.sqrt(1 - a) * x
+        x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
+    return x
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("guidance", [None, 3.0])
+def test_solver_matches_float64_oracle(prediction_type, guidance):
+    k, n = 4, 3
+    cfg = solver.SolverConfig(num_steps=n, num_windows=k, prediction_type=prediction_type)
+    starts = np.array([1.0, 0.75, 0.5, 0.25, 1.0, 0.25], np.float32)
+    ends = np.array([0.75, 0.5, 0.25, 0.0, 0.75, 0.0], np.float32)
+    x = np.random.default_rng(0).standard_normal((6, 1, 4, 4)).astype(np.float32)
+    cond = np.linspace(-1, 1, 6).astype(np.float32)
+    uncond = np.zeros(6, np.float32) if guidance else None
+    ac64 = common.alphas_cumprod(common.make_betas(T, 0.00085, 0.012, "scaled_linear"))
+    want = _oracle_solve(x, starts.astype(np.float64), ends.astype(np.float64), cond, n, k, prediction_type,
+                         ac64.astype(np.float32).astype(np.float64), float(np.float32(ac64[0])), uncond,
+                         guidance or 1.0)
+    got = jax.jit(lambda x, s, e, c, u: solver.solve(cfg, _toy_teacher, x, s, e, c, uncond=u,
+                                                     guidance_scale=guidance or 1.0))(x, starts, ends, cond, uncond)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
+    # The time grid itself is exact.
+    ts = np.asarray(solver.solver_timesteps(cfg, starts, ends))
+    np.testing.assert_array_equal(ts[0], [999, 916, 832])
+    np.testing.assert_array_equal(ts[3], [249, 166, 82])
+
+
+def test_solver_set_alpha_to_one_and_validation():
+    with pytest.raises(ValueError, match="prediction_type"):
+        solver.SolverConfig(prediction_type="sample")
+    with pytest.raises(ValueError, match="DDIM step would be 0"):
+        solver.SolverConfig(num_steps=400, num_windows=4)
+    cfg = solver.SolverConfig(num_steps=1, num_windows=1, set_alpha_to_one=True)
+    x = jnp.ones((1, 1, 2, 2))
+    # One step over the whole range with ᾱ_prev = 1 gives the predicted x0 exactly.
+    out = solver.solve(cfg, lambda x, t, c: jnp.zeros_like(x), x, jnp.ones(1), jnp.zeros(1), jnp.zeros(1))
+    ac = common.alphas_cumprod(common.make_betas(T, 0.00085, 0.012, "scaled_linear")).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(out), 1 / np.sqrt(ac[999]), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Targets: training and sampling agree
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction_type", ["ddim_eps", "diff_eps", "velocity"])
+def test_targets_land_on_window_end(prediction_type):
+    cfg = pf.PeRFlowConfig(num_time_windows=4, prediction_type=prediction_type)
+    rng = np.random.default_rng(1)
+    x_s = rng.standard_normal((4, 1, 4, 4)).astype(np.float32)
+    x_e = rng.standard_normal((4, 1, 4, 4)).astype(np.float32)
+    t_s = jnp.asarray([1.0, 0.75, 0.5, 0.25])
+    t_e = jnp.asarray([0.75, 0.5, 0.25, 0.0])
+    target = reflow.targets(cfg, jnp.asarray(x_s), jnp.asarray(x_e), t_s, t_e)
+    # One scheduler step per window starts exactly at t_s and moves to t_e.
+    state = pf.set_timesteps(cfg, 4)
+    for i in range(4):
+        out = pf.step(cfg, state, target[i:i + 1], i, jnp.asarray(x_s[i:i + 1]))
+        np.testing.assert_allclose(np.asarray(out)[0], x_e[i], rtol=1e-4, atol=1e-4)
+    # Mid-window: the velocity from the same target at x_t on the line also ends at x_e.
+    t = jnp.asarray([0.9, 0.6, 0.3, 0.1])
+    frac = ((t - t_s) / (t_e - t_s))[:, None, None, None]
+    x_t = x_s + (x_e - x_s) * frac
+    v = pf.model_output_to_velocity(cfg, target, x_t, t)
+    np.testing.assert_allclose(np.asarray(x_t + (t_e - t)[:, None, None, None] * v), x_e, rtol=1e-4, atol=1e-4)
+
+
+def test_make_batch_shapes_grid_and_line():
+    pcfg = pf.PeRFlowConfig(num_time_windows=2, prediction_type="diff_eps")
+    rcfg = reflow.ReflowConfig(perflow=pcfg, solver=solver.SolverConfig.from_perflow(pcfg, num_steps=2),
+                               discrete_timesteps=40, cond_dropout=0.5)
+    x0 = jnp.asarray(np.random.default_rng(2).standard_normal((64, 1, 4, 4)), jnp.float32)
+    cond = jnp.arange(64, dtype=jnp.float32)
+    b = reflow.make_batch(rcfg, _toy_teacher, x0, cond, jnp.float32(-1.0), jax.random.key(0))
+    t = np.asarray(b.t)
+    np.testing.assert_allclose(t * 40, np.round(t * 40), atol=1e-4)
+    assert t.min() > 0 and t.max() <= 1
+    assert set(np.unique(np.asarray(b.t_start)).tolist()) <= {1.0, 0.5}
+    dropped = np.asarray(b.cond) == -1
+    assert 0 < dropped.sum() < 64
+    frac = ((b.t - b.t_start) / (b.t_end - b.t_start))[:, None, None, None]
+    np.testing.assert_allclose(np.asarray(b.x_t), np.asarray(b.x_start + (b.x_end - b.x_start) * frac), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.timesteps), t * 1000, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------------------
+
+TINY = UNetConfig(sample_size=8, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "UpBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
+                  norm_num_groups=4, cross_attention_dim=4, attention_head_dim=2, num_class_embeds=11)
+
+
+def _tiny_setup(tmp_path, name, *overrides):
+    cfg_path = tmp_path / "unet.json"
+    cfg_path.write_text(json.dumps(TINY.to_dict()))
+    cfg = train_lib.load_config(None, [
+        "model.kind=unet", f"model.unet_config={cfg_path}", f"output_dir={tmp_path / name}", "teacher.weights=x",
+        "perflow.num_time_windows=2", "perflow.prediction_type=velocity", "solver.num_steps=2",
+        "train.batch_size=8", "train.learning_rate=3e-3", "train.warmup_steps=0", "train.ema_decay=0.9",
+        "train.log_every=1", "train.progress=false", "data.kind=npz", "data.path=unused", *overrides])
+    rng = np.random.default_rng(0)
+    ds = train_lib.ArrayDataset(np.tanh(rng.standard_normal((24, 1, 8, 8))).astype(np.float32),
+                                {"class_labels": rng.integers(0, 10, 24).astype(np.int32)},
+                                {"class_labels": np.int32(10)})
+    teacher = init_unet_params(TINY, jax.random.key(0))
+    # A teacher predicting ε = 0 gives smooth, deterministic targets the tiny student can fit in a few steps.
+    teacher["conv_out"] = jax.tree_util.tree_map(jnp.zeros_like, teacher["conv_out"])
+    return cfg, ds, teacher
+
+
+def test_training_lowers_loss(tmp_path):
+    cfg, ds, teacher = _tiny_setup(tmp_path, "run", "train.steps=40", "train.checkpoint_every=100",
+                                   "train.learning_rate=1e-2", "train.grad_clip=100.0", "train.ema_decay=0.0")
+    res = train_lib.train(cfg, ds, teacher_params=teacher)
+    # Loss on one fixed reflow batch, before and after training.
+    rcfg = train_lib.reflow_config(cfg)
+    apply = train_lib.make_apply_fn(TINY, jnp.float32)
+    batch = reflow.make_batch(rcfg, lambda x, t, c: apply(teacher, x, t, c), jnp.asarray(ds.x),
+                              {"class_labels": jnp.asarray(ds.cond["class_labels"])},
+                              {"class_labels": jnp.int32(10)}, jax.random.key(123))
+    before = float(reflow.loss(rcfg, apply, teacher, batch))
+    after = float(reflow.loss(rcfg, apply, res["params"], batch))
+    assert after < 0.7 * before, (before, after)
+    assert os.path.isfile(res["delta_path"])
+    sched = json.loads(open(res["scheduler_config"]).read())
+    assert sched["_class_name"] == "PeRFlowScheduler" and sched["num_time_windows"] == 2
+    assert all(json.loads(line)["loss"] > 0 for line in open(tmp_path / "run" / "metrics.jsonl"))
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    common_ov = ("train.steps=6", "train.checkpoint_every=3", "train.grad_accum=2")
+    cfg, ds, teacher = _tiny_setup(tmp_path, "straight", *common_ov)
+    straight = train_lib.train(cfg, ds, teacher_params=teacher)["params"]
+
+    cfg, ds, teacher = _tiny_setup(tmp_path, "killed", *common_ov)
+
+    def kill(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.train(cfg, ds, teacher_params=teacher, callback=kill)
+    res = train_lib.train(cfg, ds, teacher_params=teacher)
+    assert res["resumed_from"] == 3
+    for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(res["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+_DP_SCRIPT = textwrap.dedent("""
+    import os, sys, json
+    import numpy as np, jax
+    sys.path.insert(0, os.path.dirname({test_file!r}))
+    from pathlib import Path
+    import test_training as tt
+    from perflow_jax.training import train as train_lib
+    cfg, ds, teacher = tt._tiny_setup(Path({tmp!r}), {name!r}, "train.steps=2", "train.checkpoint_every=100")
+    res = train_lib.train(cfg, ds, teacher_params=teacher)
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(res["params"])]
+    np.savez({out!r}, *leaves)
+    print("DEVICES", jax.device_count())
+""")
+
+
+def test_four_device_data_parallel_equals_one_device(tmp_path):
+    outs = {}
+    for n in (1, 4):
+        out = str(tmp_path / f"params{n}.npz")
+        script = _DP_SCRIPT.format(test_file=os.path.abspath(__file__), tmp=str(tmp_path), name=f"dp{n}", out=out)
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"DEVICES {n}" in proc.stdout
+        outs[n] = np.load(out)
+    for key in outs[1].files:
+        np.testing.assert_allclose(outs[4][key], outs[1][key], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.steps=0", "train.steps"),
+    ("train.batch_size=10", "divisible by train.grad_accum"),
+    ("train.bogus=1", "Unknown config key 'train.bogus'"),
+    ("perflow.prediction_type=x0", "prediction_type"),
+    ("reflow.loss_weighting=l1", "loss_weighting"),
+    ("reflow.cond_dropout=1.5", "cond_dropout"),
+    ("train.ema_decay=1.0", "ema_decay"),
+    ("model.dtype=float16", "model.dtype"),
+    ("train", "key=value"),
+    ("solver.num_steps=0", "num_steps"),
+])
+def test_bad_config_values_raise(override, match):
+    ov = ["output_dir=/tmp/x", "train.grad_accum=4", "train.batch_size=8"]
+    with pytest.raises(ValueError, match=match):
+        train_lib.load_config(None, [*ov, override])
+
+
+def test_example_configs_validate():
+    root = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".yaml"):
+            train_lib.load_config(os.path.join(root, name), [])
