@@ -1,4 +1,4 @@
-"""The ``perflow-jax`` command: ``sample``, ``convert`` and ``train``.
+"""The ``perflow-jax`` command: ``sample``, ``convert``, ``train`` and ``bench``.
 
 ``perflow-jax sample`` generates images with a diffusers-format SD/SDXL model or a single-file checkpoint
 (plus an optional PeRFlow ΔW and LoRAs) and writes PNGs and a grid; ``perflow-jax convert`` turns PyTorch
@@ -85,6 +85,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="merge a LoRA after ΔW; repeatable")
     c.add_argument("--variant", default=None, help="read this weights variant, e.g. fp16")
     c.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+
+    sub.add_parser("bench", help="benchmark vs PyTorch diffusers (scripts/benchmark.py; arguments passed on)",
+                   add_help=False)
 
     t = sub.add_parser("train", help="PeRFlow reflow training from a YAML config")
     t.add_argument("--config", required=True, help="YAML training config (see configs/ and docs/training.md)")
@@ -207,8 +210,24 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
+def _run_bench(argv: list[str]) -> int:
+    """``perflow-jax bench ...`` = ``python scripts/benchmark.py ...`` from the source checkout (it needs torch,
+    diffusers and the benchmark configs in scripts/configs, which are not part of the installed package)."""
+    import runpy
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "benchmark.py")
+    if not os.path.isfile(script):
+        print("perflow-jax bench: error: scripts/benchmark.py not found; run it from a source checkout of "
+              "perflow-jax installed with `pip install -e \".[test]\"`.", file=sys.stderr)
+        return 2
+    return int(runpy.run_path(script)["main"](argv) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 user error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] or argv[1:2] == ["bench"] and argv[:1] == ["--no-cache"]:
+        return _run_bench(argv[argv.index("bench") + 1:])
     args = _build_parser().parse_args(argv)
     from perflow_jax.compilation_cache import enable_compilation_cache
 

@@ -1,0 +1,38 @@
+"""scripts/benchmark.py runs on the tiny preset and writes its report (no timing assertions).
+
+Run as a subprocess: the script points JAX's persistent compilation cache at its own folder, which must not
+leak into this test session's JAX config. Smallest grid, no cold/warm probe processes, to stay well under 60 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_benchmark_tiny_writes_report(tmp_path):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--preset", "tiny", "--steps", "2",
+           "--batches", "1", "--resolution", "16", "--repeats", "1", "--warmup", "0", "--torch-threads", "1",
+           "--no-probes", "--model-cache", str(tmp_path / "model"), "--out", str(out), "--write-docs",
+           "--docs-dir", str(docs)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    res = json.loads((out / "benchmark.json").read_text())
+    assert [(r["steps"], r["batch"]) for r in res["grid"]] == [(2, 1)]
+    assert {"jax_ips", "torch_ips", "ratio"} <= set(res["grid"][0])
+    assert res["grid"][0]["limit_s"] > 0 and res["grid"][0]["overhead"] > 0
+    assert res["recompile_check"]["recompiled"] is False
+    for folder in (out, docs):
+        md = (folder / "benchmarks.md").read_text()
+        assert "## 1. End-to-end images/s" in md and "Not run" in md  # no GPU section on CPU
+        assert (folder / "benchmarks.png").stat().st_size > 0
