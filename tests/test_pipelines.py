@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from perflow_jax import delta as delta_lib
-from perflow_jax import schedulers
 from perflow_jax.models.components import load_pipeline_components
 from perflow_jax.models.convert import ConversionError
 from perflow_jax.pipelines.stable_diffusion import StableDiffusionPipeline
@@ -91,8 +90,6 @@ def test_text_to_image_matches_diffusers(tiny, family: str, scheduler: str) -> N
     sd21: velocity, sdxl: ddim_eps); DDIM against diffusers' DDIMScheduler saved with the model (sd21 is a
     v-prediction model). The DDIM cases pass negative prompts; PeRFlow ones none (SDXL: zeroed negatives).
     """
-    if scheduler not in schedulers.available():
-        pytest.skip(f"scheduler {scheduler!r} is not registered yet ({schedulers.available()})")
     from diffusers import DDIMScheduler
 
     m = tiny(family)
@@ -169,8 +166,6 @@ def test_img2img_matches_diffusers_with_shared_noise(tiny, monkeypatch) -> None:
     timestep, the remaining DDIM steps and the decode must all agree. (PeRFlow is not compared here: the
     reference PeRFlow scheduler has no ``add_noise``.)
     """
-    if "ddim" not in schedulers.available():
-        pytest.skip("scheduler 'ddim' is not registered yet")
     import diffusers.models.autoencoders.vae as vae_mod
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as i2i_mod
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
