@@ -46,6 +46,23 @@ class Scheduler(NamedTuple):
     init_noise_sigma: Callable[[Any], Any]
 
 
+def unscaled_bundle(name: str, config: Any, set_timesteps: Callable[..., Any], step: Callable[..., Any],
+                    add_noise: Callable[..., Any]) -> Scheduler:
+    """The bundle of a VP scheduler whose pure functions take the config first, whose model input is unscaled
+    and whose initial noise has σ = 1 (DDIM, DDPM, LCM)."""
+    import functools
+
+    return Scheduler(
+        name=name,
+        config=config,
+        set_timesteps=functools.partial(set_timesteps, config),
+        step=functools.partial(step, config),
+        add_noise=functools.partial(add_noise, config),
+        scale_model_input=lambda state, sample, step_index: sample,
+        init_noise_sigma=lambda state: 1.0,
+    )
+
+
 class _Entry(NamedTuple):
     config_cls: type
     make: Callable[[Any], Scheduler]

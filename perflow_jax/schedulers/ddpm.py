@@ -132,14 +132,6 @@ def add_noise(config: DDPMConfig, original: jax.Array, noise: jax.Array, timeste
 
 def make(config: DDPMConfig) -> Any:
     """The :class:`perflow_jax.schedulers.Scheduler` bundle for `config`."""
-    from perflow_jax.schedulers import Scheduler
+    from perflow_jax.schedulers import unscaled_bundle
 
-    return Scheduler(
-        name="ddpm",
-        config=config,
-        set_timesteps=functools.partial(set_timesteps, config),
-        step=functools.partial(step, config),
-        add_noise=functools.partial(add_noise, config),
-        scale_model_input=lambda state, sample, step_index: sample,
-        init_noise_sigma=lambda state: 1.0,
-    )
+    return unscaled_bundle("ddpm", config, set_timesteps, step, add_noise)

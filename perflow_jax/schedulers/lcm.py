@@ -167,14 +167,6 @@ def add_noise(config: LCMConfig, original: jax.Array, noise: jax.Array, timestep
 
 def make(config: LCMConfig) -> Any:
     """The :class:`perflow_jax.schedulers.Scheduler` bundle for `config`."""
-    from perflow_jax.schedulers import Scheduler
+    from perflow_jax.schedulers import unscaled_bundle
 
-    return Scheduler(
-        name="lcm",
-        config=config,
-        set_timesteps=functools.partial(set_timesteps, config),
-        step=functools.partial(step, config),
-        add_noise=functools.partial(add_noise, config),
-        scale_model_input=lambda state, sample, step_index: sample,
-        init_noise_sigma=lambda state: 1.0,
-    )
+    return unscaled_bundle("lcm", config, set_timesteps, step, add_noise)
