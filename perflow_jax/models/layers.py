@@ -25,9 +25,11 @@ Dtype = Any
 AttentionImpl = Literal["xla", "cudnn"] | None
 
 __all__ = [
+    "SMALL_CONV_MAX_POSITIONS",
     "UNET_ATTENTION_NAMES",
     "VAE_ATTENTION_NAMES",
     "Attention",
+    "Conv2D",
     "Downsample2D",
     "GroupNorm",
     "LayerNorm",
@@ -102,12 +104,68 @@ class LayerNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
+# XLA:CPU runs k×k convolutions on tiny feature maps (SD's 1×1…8×8 bottom levels, 1280 channels) up to ~100×
+# slower than the same product written as im2col + one matmul (scripts/benchmark.py, docs/benchmarks.md); at
+# 16×16 and above its own kernel wins. GPUs and TPUs keep the native convolution.
+SMALL_CONV_MAX_POSITIONS = 64
+
+
+def _conv_native(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                 padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv_im2col(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                 padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """The same convolution as one ``(B·Ho·Wo, kh·kw·Cin) @ (kh·kw·Cin, Cout)`` matmul over gathered patches."""
+    kh, kw, cin, cout = kernel.shape
+    (sh, sw), b = strides, x.shape[0]
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    patches = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
+    cols = jnp.concatenate(patches, axis=-1).reshape(b * ho * wo, kh * kw * cin)
+    return (cols @ kernel.reshape(kh * kw * cin, cout)).reshape(b, ho, wo, cout)
+
+
+class Conv2D(nn.Module):
+    """An NHWC convolution with ``nn.Conv``'s parameters (``kernel`` HWIO, ``bias``), init and dtype handling.
+
+    Same math as ``nn.Conv``; only the lowering differs: on CPU, k×k (k > 1) convolutions with at most
+    :data:`SMALL_CONV_MAX_POSITIONS` output positions run as im2col + matmul (see the note above).
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    dtype: Dtype = None
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        strides, padding = tuple(self.strides), tuple(tuple(p) for p in self.padding)
+        (kh, kw), (sh, sw) = self.kernel_size, strides
+        ho = (x.shape[1] + sum(padding[0]) - kh) // sh + 1
+        wo = (x.shape[2] + sum(padding[1]) - kw) // sw + 1
+        if kh * kw > 1 and ho * wo <= SMALL_CONV_MAX_POSITIONS:
+            y = lax.platform_dependent(
+                x, kernel, cpu=lambda a, k: _conv_im2col(a, k, strides, padding),
+                default=lambda a, k: _conv_native(a, k, strides, padding))
+        else:
+            y = _conv_native(x, kernel, strides, padding)
+        return y if bias is None else y + bias
+
+
 def conv2d(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1,
-           padding: Any = None) -> nn.Conv:
-    """A k×k ``nn.Conv`` padded like PyTorch's ``padding=(k-1)//2`` on every side (or explicit `padding`)."""
+           padding: Any = None) -> Conv2D:
+    """A k×k :class:`Conv2D` padded like PyTorch's ``padding=(k-1)//2`` on every side (or explicit `padding`)."""
     pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)) if padding is None else padding, dtype=dtype, name=name)
+    return Conv2D(features, (kernel, kernel), strides=(stride, stride),
+                  padding=((pad, pad), (pad, pad)) if padding is None else padding, dtype=dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):

@@ -31,6 +31,7 @@ from perflow_jax.models.layers import (
     GroupNorm,
     ResnetBlock2D,
     Upsample2D,
+    conv2d,
     rename_torch_attention,
 )
 
@@ -294,10 +295,6 @@ def _to_nchw(x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _conv3(features: int, dtype: jnp.dtype, name: str) -> nn.Conv:
-    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name)
-
-
 def _resnet(channels: int, config: VAEConfig, dtype: jnp.dtype, name: str) -> ResnetBlock2D:
     return ResnetBlock2D(channels, groups=config.norm_num_groups, eps=VAE_EPS, use_time_emb=False,
                          dtype=dtype, name=name)
@@ -311,13 +308,13 @@ class _Encoder(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         channels = cfg.block_out_channels
-        x = _conv3(channels[0], self.dtype, "conv_in")(x)
+        x = conv2d(channels[0], 3, self.dtype, "conv_in")(x)
         for i, ch in enumerate(channels):
             x = _DownEncoderBlock(cfg, ch, cfg.layers_per_block, i < len(channels) - 1, self.dtype,
                                   name=f"down_blocks_{i}")(x)
         x = _MidBlock(cfg, self.dtype, name="mid_block")(x)
         x = nn.silu(GroupNorm(cfg.norm_num_groups, VAE_EPS, name="conv_norm_out")(x))
-        return _conv3(2 * cfg.latent_channels, self.dtype, "conv_out")(x)
+        return conv2d(2 * cfg.latent_channels, 3, self.dtype, "conv_out")(x)
 
 
 class _Decoder(nn.Module):
@@ -328,13 +325,13 @@ class _Decoder(nn.Module):
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg = self.config
         channels = tuple(reversed(cfg.block_out_channels))
-        x = _conv3(channels[0], self.dtype, "conv_in")(z)
+        x = conv2d(channels[0], 3, self.dtype, "conv_in")(z)
         x = _MidBlock(cfg, self.dtype, name="mid_block")(x)
         for i, ch in enumerate(channels):
             x = _UpDecoderBlock(cfg, ch, cfg.layers_per_block + 1, i < len(channels) - 1, self.dtype,
                                 name=f"up_blocks_{i}")(x)
         x = nn.silu(GroupNorm(cfg.norm_num_groups, VAE_EPS, name="conv_norm_out")(x))
-        return _conv3(cfg.out_channels, self.dtype, "conv_out")(x)
+        return conv2d(cfg.out_channels, 3, self.dtype, "conv_out")(x)
 
 
 class _DownEncoderBlock(nn.Module):

@@ -1,0 +1,73 @@
+"""``layers.Conv2D``: the same parameters and math as ``flax.linen.Conv`` on both of its lowerings.
+
+On CPU, k×k convolutions with at most ``SMALL_CONV_MAX_POSITIONS`` output positions run as im2col + matmul
+(XLA:CPU's own kernel is up to ~100× slower there, see docs/benchmarks.md). These tests pin that the swap is
+invisible: identical parameter trees and initialisation, outputs and gradients equal to ``nn.Conv`` up to
+float32 accumulation order, and the lowering actually chosen on each side of the threshold.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perflow_jax.models.layers import SMALL_CONV_MAX_POSITIONS, Conv2D
+
+# float32 sums of ≤ 9·16 products of O(1) values: different accumulation orders differ by a few ulp (~1e-6).
+ATOL = 1e-5
+
+CASES = [  # (spatial, cin, cout, stride, padding) — below and above the 64-position threshold
+    (1, 16, 8, 1, ((1, 1), (1, 1))),  # SD1.5's bottom level at a 64×64 image: only the centre tap is inside
+    (2, 16, 8, 1, ((1, 1), (1, 1))),
+    (8, 4, 6, 1, ((1, 1), (1, 1))),  # exactly 64 positions: im2col
+    (9, 4, 6, 1, ((1, 1), (1, 1))),  # 81 positions: native
+    (5, 6, 7, 2, ((0, 1), (0, 1))),  # VAE encoder downsample (bottom/right padding only)
+    (16, 3, 5, 2, ((1, 1), (1, 1))),  # stride 2 down to 8×8: im2col
+]
+
+
+@pytest.mark.parametrize("hw,cin,cout,stride,padding", CASES)
+def test_conv2d_matches_flax_conv(hw, cin, cout, stride, padding):
+    x = jax.random.normal(jax.random.key(0), (2, hw, hw + 1, cin))  # non-square: catches swapped axes
+    kw = dict(strides=(stride, stride), padding=padding)
+    ref, ours = nn.Conv(cout, (3, 3), **kw), Conv2D(cout, (3, 3), **kw)
+    params = ref.init(jax.random.key(1), x)
+    ours_params = ours.init(jax.random.key(1), x)
+    assert jax.tree.structure(params) == jax.tree.structure(ours_params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ours_params), strict=True):
+        np.testing.assert_array_equal(a, b)  # same shapes, dtypes and initialisation
+
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)  # nonzero bias
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), atol=ATOL, rtol=0)
+    g_ref = jax.grad(lambda p, v: jnp.sum(jnp.sin(ref.apply(p, v))), argnums=(0, 1))(params, x)
+    g_ours = jax.grad(lambda p, v: jnp.sum(jnp.sin(ours.apply(p, v))), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_ours), strict=True):
+        np.testing.assert_allclose(b, a, atol=ATOL * 10, rtol=0)  # sums over the batch and positions
+
+    half = Conv2D(cout, (3, 3), dtype=jnp.bfloat16, **kw).apply(params, x)
+    half_ref = nn.Conv(cout, (3, 3), dtype=jnp.bfloat16, **kw).apply(params, x)
+    assert half.dtype == jnp.bfloat16
+    # bf16 inputs, rounded once more on output: both sides are within bf16 resolution (2^-8) of each other.
+    np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(half_ref, np.float32), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("hw,expect_native", [(2, False), (8, False), (9, True), (32, True)])
+def test_small_feature_maps_avoid_the_xla_cpu_convolution(hw, expect_native):
+    if jax.default_backend() != "cpu":
+        pytest.skip("the im2col lowering is CPU-only")
+    assert (hw * hw > SMALL_CONV_MAX_POSITIONS) == expect_native
+    conv = Conv2D(8, (3, 3), padding=((1, 1), (1, 1)))
+    x = jnp.ones((1, hw, hw, 4))
+    params = conv.init(jax.random.key(0), x)
+    hlo = jax.jit(conv.apply).lower(params, x).compile().as_text()
+    assert ("convolution(" in hlo) == expect_native
+
+
+def test_one_by_one_convs_stay_native():
+    conv = Conv2D(8, (1, 1))
+    x = jnp.ones((1, 2, 2, 4))
+    params = conv.init(jax.random.key(0), x)
+    np.testing.assert_allclose(conv.apply(params, x), nn.Conv(8, (1, 1)).apply(params, x), atol=ATOL)
