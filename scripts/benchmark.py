@@ -12,10 +12,11 @@ One run measures, for a grid of step counts and batch sizes at one resolution:
 5. peak memory per framework (RSS high-water mark of a separate process on CPU; device stats on GPU);
 6. on GPU only: cuDNN vs XLA attention and fp16/bf16 at 512x512 against PyTorch fp16 SDPA.
 
-Models: ``--preset sd15`` is the real SD1.5 architecture (configs in ``scripts/configs/sd15``) with random
-weights, ``--preset tiny`` a small model for CPU smoke runs, ``--model DIR`` a diffusers folder with real
-weights. Presets are built with PyTorch diffusers, saved with ``save_pretrained`` (with a stand-in CLIP
-tokenizer of the config's vocabulary size) and that one folder is loaded by both frameworks.
+Models: ``--preset sd15`` is the real SD1.5 architecture (the package's shipped configs,
+``perflow_jax/models/configs/sd15``) with random weights, ``--preset tiny`` a small model for CPU smoke runs,
+``--model DIR`` a diffusers folder with real weights. Presets are built with PyTorch diffusers, saved with
+``save_pretrained`` (with a stand-in CLIP tokenizer of the config's vocabulary size) and that one folder is
+loaded by both frameworks.
 
 Timings are medians over ``--repeats`` rounds with ``block_until_ready`` (and CUDA synchronisation for
 PyTorch). In a round both pipelines and every stage alone run once each, interleaved, so background load hits
@@ -96,8 +97,20 @@ def _read_json(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def model_config(preset: str, component: str) -> dict[str, Any]:
+    """`component`'s config: ``scripts/configs/<preset>/<component>.json`` if present (the tiny preset), else
+    the real architecture shipped with the package (``perflow_jax/models/configs/<preset>/``, e.g. sd15)."""
+    path = os.path.join(CONFIGS, preset, f"{component}.json")
+    if os.path.isfile(path):
+        return _read_json(path)
+    from perflow_jax.models.single_file import family_config
+
+    return family_config(preset, component)
+
+
 def build_preset(preset: str, folder: str, seed: int = 0) -> str:
-    """Build the diffusers pipeline of `preset` from ``scripts/configs/<preset>`` with random weights and
+    """Build the diffusers pipeline of `preset` (:func:`model_config`, plus the scheduler and tokenizer settings
+    in ``scripts/configs/<preset>``) with random weights and
     ``save_pretrained`` it to `folder` (reused if it already holds one). Returns `folder`."""
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         return folder
@@ -107,15 +120,15 @@ def build_preset(preset: str, folder: str, seed: int = 0) -> str:
 
     cfg_dir = os.path.join(CONFIGS, preset)
     tok = _read_json(os.path.join(cfg_dir, "tokenizer_settings.json"))
-    te_cfg = _read_json(os.path.join(cfg_dir, "text_encoder.json"))
+    te_cfg = model_config(preset, "text_encoder")
     if tok["vocab_size"] != te_cfg["vocab_size"]:
         raise ValueError(f"{preset}: tokenizer vocab_size {tok['vocab_size']} != text encoder {te_cfg['vocab_size']}")
     tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(os.path.abspath(folder)) or ".")
     try:
         write_tokenizer(os.path.join(tmp, "_tok"), tok["vocab_size"], tok["model_max_length"])
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(_read_json(os.path.join(cfg_dir, "unet.json"))).eval()
-        vae = AutoencoderKL.from_config(_read_json(os.path.join(cfg_dir, "vae.json"))).eval()
+        unet = UNet2DConditionModel.from_config(model_config(preset, "unet")).eval()
+        vae = AutoencoderKL.from_config(model_config(preset, "vae")).eval()
         text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in te_cfg.items() if k != "architectures"}))
         scheduler = DDIMScheduler.from_config(_read_json(os.path.join(cfg_dir, "scheduler.json")))
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(),
@@ -432,24 +445,21 @@ def bench_scheduler(jpipe: Any, tpipe: Any, grid: list[dict[str, Any]], args: ar
 
 
 def bench_convs(jpipe: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One 3x3 conv per UNet level (its channels at its spatial size, batch 2B, NHWC) three ways: XLA's
-    convolution (what the UNet runs), the same conv as im2col + one matmul in XLA, and PyTorch's conv2d.
+    """One 3x3 conv per UNet level (its channels at its spatial size, batch 2B, NHWC) three ways: XLA's native
+    convolution, our ``layers.Conv2D`` as the UNet runs it (im2col + one matmul on CPU for maps of at most
+    ``SMALL_CONV_MAX_POSITIONS`` positions, the native conv otherwise), and PyTorch's conv2d.
 
-    Shows whether a UNet-stage gap between the frameworks comes from XLA's convolution kernels at the small
-    spatial sizes a low-resolution CPU run produces."""
+    Shows whether a UNet-stage gap between the frameworks comes from convolution kernels at the spatial sizes
+    of this run."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
 
-    def xla_conv(x: jax.Array, w: jax.Array) -> jax.Array:
-        return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    from perflow_jax.models.layers import Conv2D
 
-    def im2col_conv(x: jax.Array, w: jax.Array) -> jax.Array:
-        b, h, wd, c = x.shape
-        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        cols = jnp.concatenate([xp[:, i:i + h, j:j + wd] for i in range(3) for j in range(3)], axis=-1)
-        return (cols.reshape(-1, 9 * c) @ w.reshape(9 * c, -1)).reshape(b, h, wd, -1)
+    def native_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+        return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     rows, n = [], 2 * args.batches[0] if args.guidance != 1.0 else args.batches[0]
     size = args.resolution // jpipe.vae_scale_factor
@@ -459,8 +469,10 @@ def bench_convs(jpipe: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
         x = rng.standard_normal((n, hw, hw, ch), np.float32)
         w = (rng.standard_normal((3, 3, ch, ch)) * 0.01).astype(np.float32)
         xj, wj = jnp.asarray(x), jnp.asarray(w)
+        conv = Conv2D(ch, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)
+        ours = jax.jit(lambda a, b, c=conv: c.apply({"params": {"kernel": b}}, a))
         row = {"level": level, "spatial": hw, "channels": ch, "batch": n}
-        for name, fn in (("xla_conv", jax.jit(xla_conv)), ("xla_im2col", jax.jit(im2col_conv))):
+        for name, fn in (("xla_native", jax.jit(native_conv)), ("ours", ours)):
             row[f"{name}_s"] = measure(lambda f=fn, a=xj, b=wj: f(a, b), max(args.repeats, 3), 1, _jax_sync)["median"]
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(_torch_device())
         wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().to(_torch_device())
@@ -674,13 +686,13 @@ def render_markdown(res: dict[str, Any], chart_name: str | None) -> str:
     convs = res.get("convs")
     if convs:
         lines += ["", "One 3x3 convolution per UNet level (the level's channels at its spatial size in this run, batch "
-                  "2B), ms: XLA's convolution (what the UNet runs), the same conv as im2col + one matmul in XLA, and "
-                  "PyTorch's `conv2d`:", "",
-                  "| level | spatial | channels | XLA conv | XLA im2col + matmul | PyTorch conv2d |",
+                  "2B), ms: XLA's native convolution, `layers.Conv2D` as the UNet runs it (im2col + one matmul on "
+                  "CPU for maps of at most 64 positions, the native conv otherwise), and PyTorch's `conv2d`:", "",
+                  "| level | spatial | channels | XLA native conv | perflow-jax Conv2D | PyTorch conv2d |",
                   "|---:|---:|---:|---:|---:|---:|"]
         for c in convs:
             lines.append(f"| {c['level']} | {c['spatial']}x{c['spatial']} | {c['channels']} | "
-                         f"{c['xla_conv_s'] * 1e3:.1f} | {c['xla_im2col_s'] * 1e3:.1f} | {c['torch_s'] * 1e3:.1f} |")
+                         f"{c['xla_native_s'] * 1e3:.1f} | {c['ours_s'] * 1e3:.1f} | {c['torch_s'] * 1e3:.1f} |")
     lines += ["", "## 3. Compile time", ""]
     comp = res.get("compile")
     if comp:
@@ -796,7 +808,7 @@ def render_chart(res: dict[str, Any], path: str) -> None:
     fig.suptitle(f"{a.get('model_short', '')} {a['resolution']}×{a['resolution']} images, {a['dtype']}, "
                  f"{res['environment']['jax_device']}, {res['environment']['date_utc']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -809,7 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perflow-jax bench", description=__doc__.splitlines()[0])
     m = p.add_mutually_exclusive_group()
     m.add_argument("--preset", choices=PRESETS, default="sd15",
-                   help="random-weight model from scripts/configs/<preset> (default sd15: the real SD1.5 shapes)")
+                   help="random-weight model (default sd15: the real SD1.5 shapes shipped with the package)")
     m.add_argument("--model", default=None, help="a diffusers SD1.x/2.x folder (real weights) instead of a preset")
     p.add_argument("--model-cache", default=None,
                    help="folder to build the preset model in and reuse on later runs (default: a temp folder)")
@@ -828,9 +840,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the cold/warm probes always use their own fresh folder")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch diffusers side")
     p.add_argument("--no-probes", action="store_true", help="skip the cold/warm compile and memory processes")
-    p.add_argument("--out", default=None, help="write benchmark.json, benchmarks.md and the chart here")
-    p.add_argument("--write-docs", action="store_true", help="write benchmarks.md and benchmarks.png to --docs-dir")
-    p.add_argument("--docs-dir", default=os.path.join(ROOT, "docs"), help="where --write-docs writes (default docs/)")
+    p.add_argument("--out", default=None, help="write the report (NAME.json, NAME.md, NAME.png) here")
+    p.add_argument("--write-docs", action="store_true", help="also write the report to --docs-dir")
+    p.add_argument("--docs-dir", default=os.path.join(ROOT, "docs", "benchmarks"),
+                   help="where --write-docs writes (default docs/benchmarks/)")
+    p.add_argument("--name", default="benchmarks", help="report file name without extension (default benchmarks)")
     p.add_argument("--notes", default=None, help="a Markdown file appended to the report as 'Notes'")
     p.add_argument("--from-json", default=None, help="re-render the report from a saved benchmark.json; no runs")
     p.add_argument("--probe", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
@@ -838,21 +852,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def write_report(res: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """Write ``NAME.json`` (re-renderable with ``--from-json``), ``NAME.md`` and the ``NAME.png`` chart to
+    --out and, with --write-docs, to --docs-dir. Each file is written to a temp name and renamed."""
+    from perflow_jax.io import atomic_file
+
     written = []
     targets = ([args.out] if args.out else []) + ([args.docs_dir] if args.write_docs else [])
     for folder in targets:
         os.makedirs(folder, exist_ok=True)
-        if folder == args.out:
-            path = os.path.join(folder, "benchmark.json")
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(res, f, indent=1)
-            written.append(path)
-        chart = os.path.join(folder, "benchmarks.png")
-        render_chart(res, chart)
-        md = os.path.join(folder, "benchmarks.md")
-        with open(md, "w", encoding="utf-8") as f:
-            f.write(render_markdown(res, "benchmarks.png"))
-        written += [md, chart]
+        base = os.path.join(folder, args.name)
+        with atomic_file(base + ".json") as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+        with atomic_file(base + ".png") as tmp:
+            render_chart(res, tmp)
+        with atomic_file(base + ".md") as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(render_markdown(res, os.path.basename(base) + ".png"))
+        written += [base + ".json", base + ".md", base + ".png"]
     return written
 
 
@@ -887,9 +902,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             build_preset(args.preset, folder)
             print(f"[build] {args.preset} model in {folder} ({time.perf_counter() - t0:.1f}s)", flush=True)
-            desc = (f"preset `{args.preset}` (configs in `scripts/configs/{args.preset}`, random weights"
-                    + (", the published SD1.5 architecture: UNet 860M params, CLIP ViT-L/14 text encoder, VAE)"
-                       if args.preset == "sd15" else ")"))
+            desc = (f"preset `{args.preset}` (random weights, "
+                    + ("the published SD1.5 architecture from `perflow_jax/models/configs/sd15`: UNet 860M params, "
+                       "CLIP ViT-L/14 text encoder, VAE)" if args.preset == "sd15"
+                       else f"configs in `scripts/configs/{args.preset}`)"))
         import torch
 
         if args.torch_threads:

@@ -22,17 +22,28 @@ def test_benchmark_tiny_writes_report(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--preset", "tiny", "--steps", "2",
            "--batches", "1", "--resolution", "16", "--repeats", "1", "--warmup", "0", "--torch-threads", "1",
            "--no-probes", "--model-cache", str(tmp_path / "model"), "--out", str(out), "--write-docs",
-           "--docs-dir", str(docs)]
+           "--docs-dir", str(docs), "--name", "cpu-tiny"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
-    res = json.loads((out / "benchmark.json").read_text())
+    res = json.loads((out / "cpu-tiny.json").read_text())
     assert [(r["steps"], r["batch"]) for r in res["grid"]] == [(2, 1)]
     assert {"jax_ips", "torch_ips", "ratio"} <= set(res["grid"][0])
     assert res["grid"][0]["limit_s"] > 0 and res["grid"][0]["overhead"] > 0
     assert res["recompile_check"]["recompiled"] is False
     for folder in (out, docs):
-        md = (folder / "benchmarks.md").read_text()
+        md = (folder / "cpu-tiny.md").read_text()
         assert "## 1. End-to-end images/s" in md and "Not run" in md  # no GPU section on CPU
-        assert (folder / "benchmarks.png").stat().st_size > 0
+        assert "![images/s and time breakdown](cpu-tiny.png)" in md
+        assert (folder / "cpu-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert json.loads((folder / "cpu-tiny.json").read_text()) == res
+        assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+    # The JSON alone re-renders the same report.
+    rerender = tmp_path / "rerender"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--from-json",
+                           str(out / "cpu-tiny.json"), "--out", str(rerender), "--name", "cpu-tiny"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (rerender / "cpu-tiny.md").read_text() == (out / "cpu-tiny.md").read_text()
