@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from perflow_jax import delta as delta_lib
 from perflow_jax.cli import main as cli_main
-from perflow_jax.models.convert import ConversionError, load_state_dict, torch_to_flax
+from perflow_jax.models.convert import ConversionError, host_array, load_state_dict, torch_to_flax
 from perflow_jax.models.unet import load_unet, unet_param_shapes
 from tests.support.tiny_sd import _unet, make_tiny_pipeline
 
@@ -170,3 +170,21 @@ def _same(a, b) -> bool:
     """Same keys and bit-identical arrays."""
     fa, fb = _flat(a), _flat(b)
     return set(fa) == set(fb) and all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
+
+
+@pytest.mark.parametrize("dtype", [None, np.float16, "bfloat16"])
+def test_host_array_is_an_aligned_contiguous_copy(dtype) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    sources = [rng.standard_normal((70, 130)).astype(np.float32).T,  # a linear's (out, in) → (in, out)
+               rng.standard_normal((8, 6, 3, 3)).astype(np.float32).transpose(2, 3, 1, 0),  # conv OIHW → HWIO
+               rng.standard_normal((5,)).astype(np.float32)[1:], np.float32(2.5)]
+    want_dtype = jnp.bfloat16 if dtype == "bfloat16" else dtype
+    for src in sources:
+        out = host_array(src, want_dtype)
+        assert out.flags.c_contiguous and out.ctypes.data % 64 == 0 and out.shape == src.shape
+        np.testing.assert_array_equal(out, src.astype(want_dtype) if want_dtype is not None else src)
+        if out.ndim and jax.default_backend() == "cpu":  # XLA:CPU uses the buffer in place
+            assert jax.device_put(out).unsafe_buffer_pointer() == out.ctypes.data

@@ -16,6 +16,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -401,3 +402,22 @@ def test_repo_id_resolves_in_cache_layout(tiny, monkeypatch, tmp_path) -> None:
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref[path]))
     with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache"):
         load_pipeline_components("perflow-test/tiny-sd15", revision="no-such-branch")
+
+
+def test_cpu_pipeline_holds_the_weights_once(tiny) -> None:
+    """On one CPU process in float32, the converted params are used in place by the device arrays, and
+    ``components`` keeps views of them (not a second copy); a bf16 pipeline from the same components casts its
+    own copy and leaves them untouched."""
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        pytest.skip("weight sharing applies to a single-device CPU mesh")
+    pipe = tiny("sd15").pipe()
+    reference = load_pipeline_components(tiny("sd15").folder).unet_params
+    device = jax.tree_util.tree_leaves(pipe.params["unet"])
+    host = jax.tree_util.tree_leaves(pipe.components.unet_params)
+    assert all(d.unsafe_buffer_pointer() == h.ctypes.data for d, h in zip(device, host, strict=True))
+    for h, r in zip(host, jax.tree_util.tree_leaves(reference), strict=True):
+        np.testing.assert_array_equal(h, r)  # same values as a fresh load
+
+    half = StableDiffusionPipeline(pipe.components, pipe.scheduler, dtype=jnp.bfloat16, compilation_cache=False)
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(half.params))
+    assert jax.tree_util.tree_leaves(pipe.components.unet_params)[0] is host[0]  # unchanged by the bf16 pipeline

@@ -151,6 +151,30 @@ def format_key_list(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}):\n    {shown}{more}"
 
 
+_ALIGN = 64  # bytes: XLA:CPU adopts 64-byte-aligned, C-contiguous host buffers in place (device_put copies nothing)
+_COPY_BAND = 64  # last-axis band width when re-laying a transposed tensor
+
+
+def host_array(value: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """A C-contiguous, 64-byte-aligned copy of `value` (cast to `dtype` if given).
+
+    Converted params are stored this way so that placing them on a CPU device reuses the buffer instead of
+    copying the whole model again (about 10 s and a second copy of the weights for SD1.5).
+    """
+    value = np.asarray(value)
+    dtype = value.dtype if dtype is None else np.dtype(dtype)
+    nbytes = value.size * dtype.itemsize
+    buf = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -buf.ctypes.data % _ALIGN
+    out = buf[start:start + nbytes].view(dtype).reshape(value.shape)
+    if value.flags.c_contiguous or value.ndim == 0:
+        np.copyto(out, value, casting="unsafe")
+    else:  # a transposed PyTorch layout: bands of the last axis read whole source rows (~4× faster for linears)
+        for j in range(0, value.shape[-1], _COPY_BAND):
+            np.copyto(out[..., j:j + _COPY_BAND], value[..., j:j + _COPY_BAND], casting="unsafe")
+    return out
+
+
 def _flatten_shapes(target: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
     flat = traverse_util.flatten_dict(jax.tree_util.tree_map(lambda x: x, dict(target)))
     return {k: (tuple(v.shape), v.dtype) for k, v in flat.items()}
@@ -208,7 +232,7 @@ def torch_to_flax(
         if path in filled:
             unexpected.append(f"{key} (duplicate of an already filled {'/'.join(path)})")
             continue
-        filled[path] = arr.astype(dtype) if dtype is not None else arr
+        filled[path] = host_array(arr, dtype)
 
     missing = [f"{'/'.join(p)} {shapes[p][0]}" for p in shapes if p not in filled]
     if missing or unexpected or misshaped:
@@ -345,9 +369,7 @@ def _check_flax_tree(tree: Mapping, target: Any, dtype: Any, what: str) -> dict:
             if items:
                 parts.append(format_key_list(title, items))
         raise ConversionError("\n".join(parts))
-    if dtype is not None:
-        got = {k: v.astype(dtype) for k, v in got.items()}
-    return traverse_util.unflatten_dict(got)
+    return traverse_util.unflatten_dict({k: host_array(v, dtype) for k, v in got.items()})
 
 
 def load_flax_checkpoint(path: str | os.PathLike, target: Any, dtype: Any = None, what: str = "model") -> dict:

@@ -71,11 +71,11 @@ class StableDiffusionPipeline:
         self.text_encoder = CLIPTextModel(c.text_encoder_config, dtype=self.dtype)
         self.text_encoder_2 = (CLIPTextModelWithProjection(c.text_encoder_2_config, dtype=self.dtype)
                                if c.text_encoder_2_config is not None else None)
-        cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, self.dtype), t)  # noqa: E731
         params = {"unet": c.unet_params, "vae": c.vae_params, "text_encoder": c.text_encoder_params}
         if c.text_encoder_2_params is not None:
             params["text_encoder_2"] = c.text_encoder_2_params
-        self.params = self._replicate(cast(params))
+        self.params = self._replicate(params)
+        self._share_host_params()
         self.vae_scale_factor = 2 ** (len(c.vae_config.block_out_channels) - 1)
         self.force_zeros_for_empty_prompt = bool(c.model_index.get("force_zeros_for_empty_prompt", True))
         self._states: dict[tuple, Any] = {}
@@ -112,7 +112,26 @@ class StableDiffusionPipeline:
         return cls(components, make_scheduler(components, scheduler, scheduler_overrides), dtype=dtype, **kwargs)
 
     def _replicate(self, tree: Any) -> Any:
-        return jax.tree_util.tree_map(lambda a: _global_array(np.asarray(a), self._replicated), tree)
+        """`tree` in the compute dtype, replicated over the mesh (cast leaf by leaf: no second full host copy)."""
+        return jax.tree_util.tree_map(lambda a: _global_array(np.asarray(a, self.dtype), self._replicated), tree)
+
+    def _share_host_params(self) -> None:
+        """Hold the weights once where the device copy *is* host memory (one process, CPU devices, float32).
+
+        ``components`` params then become read-only NumPy views of ``self.params`` (same values), so that the
+        original host trees can be freed: otherwise a CPU process keeps every weight twice. Elsewhere the
+        device copy lives in device memory and ``components`` keeps its own host copy for LoRA merging, export
+        and building further pipelines.
+        """
+        if (jax.process_count() > 1 or self.dtype != jnp.float32
+                or any(d.platform != "cpu" for d in self.mesh.devices.flat)):
+            return
+        view = lambda t: jax.tree_util.tree_map(np.asarray, t)  # noqa: E731  zero-copy on CPU
+        c = self.components
+        c.unet_params, c.vae_params = view(self.params["unet"]), view(self.params["vae"])
+        c.text_encoder_params = view(self.params["text_encoder"])
+        if "text_encoder_2" in self.params:
+            c.text_encoder_2_params = view(self.params["text_encoder_2"])
 
     # ------------------------------------------------------------------------------------------------------
     # Public API
