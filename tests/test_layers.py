@@ -1,9 +1,9 @@
 """``layers.Conv2D``: the same parameters and math as ``flax.linen.Conv`` on both of its lowerings.
 
-On CPU, k×k convolutions with at most ``SMALL_CONV_MAX_POSITIONS`` output positions run as im2col + matmul
-(XLA:CPU's own kernel is up to ~100× slower there, see docs/benchmarks.md). These tests pin that the swap is
-invisible: identical parameter trees and initialisation, outputs and gradients equal to ``nn.Conv`` up to
-float32 accumulation order, and the lowering actually chosen on each side of the threshold.
+On CPU, k×k convolutions on small feature maps run as im2col + matmul (XLA:CPU's own kernel is up to ~100×
+slower there, see docs/benchmarks.md). These tests pin that the swap is invisible: identical parameter trees
+and initialisation, outputs and gradients equal to ``nn.Conv`` up to float32 accumulation order, a UNet equal
+with either lowering, and the lowering actually chosen on each side of the thresholds.
 """
 
 from __future__ import annotations
@@ -14,18 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perflow_jax.models.layers import SMALL_CONV_MAX_POSITIONS, Conv2D
+from perflow_jax.models import layers
+from perflow_jax.models.layers import Conv2D, uses_im2col_on_cpu
 
 # float32 sums of ≤ 9·16 products of O(1) values: different accumulation orders differ by a few ulp (~1e-6).
 ATOL = 1e-5
 
-CASES = [  # (spatial, cin, cout, stride, padding) — below and above the 64-position threshold
+CASES = [  # (spatial, cin, cout, stride, padding) on both sides of the thresholds
     (1, 16, 8, 1, ((1, 1), (1, 1))),  # SD1.5's bottom level at a 64×64 image: only the centre tap is inside
-    (2, 16, 8, 1, ((1, 1), (1, 1))),
-    (8, 4, 6, 1, ((1, 1), (1, 1))),  # exactly 64 positions: im2col
+    (2, 16, 8, 1, ((1, 1), (1, 1))),  # ≤ 4 positions: im2col at any width
+    (8, 512, 6, 1, ((1, 1), (1, 1))),  # 64 positions, 512 channels: im2col
+    (8, 4, 6, 1, ((1, 1), (1, 1))),  # 64 positions, few channels: native
     (9, 4, 6, 1, ((1, 1), (1, 1))),  # 81 positions: native
-    (5, 6, 7, 2, ((0, 1), (0, 1))),  # VAE encoder downsample (bottom/right padding only)
-    (16, 3, 5, 2, ((1, 1), (1, 1))),  # stride 2 down to 8×8: im2col
+    (4, 6, 7, 2, ((0, 1), (0, 1))),  # VAE encoder downsample (bottom/right padding only) to 2×2: im2col
+    (16, 3, 5, 2, ((1, 1), (1, 1))),  # stride 2 down to 8×8, few channels: native
 ]
 
 
@@ -54,16 +56,39 @@ def test_conv2d_matches_flax_conv(hw, cin, cout, stride, padding):
     np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(half_ref, np.float32), atol=0.05, rtol=0.02)
 
 
-@pytest.mark.parametrize("hw,expect_native", [(2, False), (8, False), (9, True), (32, True)])
-def test_small_feature_maps_avoid_the_xla_cpu_convolution(hw, expect_native):
+@pytest.mark.parametrize("hw,cin,expect_native", [(2, 4, False), (8, 4, True), (8, 512, False), (9, 512, True),
+                                                   (32, 4, True)])
+def test_small_feature_maps_avoid_the_xla_cpu_convolution(hw, cin, expect_native):
     if jax.default_backend() != "cpu":
         pytest.skip("the im2col lowering is CPU-only")
-    assert (hw * hw > SMALL_CONV_MAX_POSITIONS) == expect_native
+    assert uses_im2col_on_cpu((3, 3), (hw, hw), cin) != expect_native
     conv = Conv2D(8, (3, 3), padding=((1, 1), (1, 1)))
-    x = jnp.ones((1, hw, hw, 4))
+    x = jnp.ones((1, hw, hw, cin))
     params = conv.init(jax.random.key(0), x)
     hlo = jax.jit(conv.apply).lower(params, x).compile().as_text()
     assert ("convolution(" in hlo) == expect_native
+
+
+def test_unet_is_the_same_with_either_lowering(monkeypatch):
+    """A UNet whose bottom level runs at 2×2 gives the same output with im2col everywhere or nowhere (the
+    native path is the one checked against PyTorch in test_unet.py)."""
+    from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    cfg = UNetConfig(sample_size=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                     cross_attention_dim=16, attention_head_dim=4,
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    model = UNet2DConditionModel(cfg)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 4))
+    ctx = jax.random.normal(jax.random.key(1), (2, 3, 16))
+    t = jnp.array([10.0, 700.0])
+    params = model.init(jax.random.key(2), x, t, ctx)
+    outs = {}
+    for im2col in (True, False):
+        monkeypatch.setattr(layers, "uses_im2col_on_cpu", lambda *a, v=im2col: v)
+        outs[im2col] = np.asarray(jax.jit(model.apply)(params, x, t, ctx))
+    assert np.abs(outs[True]).max() > 0.1
+    np.testing.assert_allclose(outs[True], outs[False], atol=ATOL, rtol=0)
 
 
 def test_one_by_one_convs_stay_native():

@@ -25,7 +25,6 @@ Dtype = Any
 AttentionImpl = Literal["xla", "cudnn"] | None
 
 __all__ = [
-    "SMALL_CONV_MAX_POSITIONS",
     "UNET_ATTENTION_NAMES",
     "VAE_ATTENTION_NAMES",
     "Attention",
@@ -39,6 +38,7 @@ __all__ = [
     "conv2d",
     "group_norm",
     "rename_torch_attention",
+    "uses_im2col_on_cpu",
 ]
 
 
@@ -104,10 +104,23 @@ class LayerNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
-# XLA:CPU runs k×k convolutions on tiny feature maps (SD's 1×1…8×8 bottom levels, 1280 channels) up to ~100×
-# slower than the same product written as im2col + one matmul (scripts/benchmark.py, docs/benchmarks.md); at
-# 16×16 and above its own kernel wins. GPUs and TPUs keep the native convolution.
+# XLA:CPU runs k×k convolutions on tiny feature maps up to ~100× slower than the same product written as
+# im2col + one matmul (SD1.5's bottom levels at low resolution: 2×2 maps with 1280 channels; see
+# docs/benchmarks.md). Measured on 2 cores, im2col wins on maps of ≤ 4 positions at any width and on maps of
+# ≤ 64 positions with ≥ 512 input channels; elsewhere XLA's own kernel is as fast or faster. GPUs and TPUs
+# always keep the native convolution.
+TINY_CONV_MAX_POSITIONS = 4
 SMALL_CONV_MAX_POSITIONS = 64
+SMALL_CONV_MIN_CHANNELS = 512
+
+
+def uses_im2col_on_cpu(kernel_size: tuple[int, int], out_hw: tuple[int, int], in_channels: int) -> bool:
+    """Whether :class:`Conv2D` lowers this convolution as im2col + matmul on CPU (the rule above)."""
+    positions = out_hw[0] * out_hw[1]
+    if kernel_size[0] * kernel_size[1] == 1:
+        return False
+    return positions <= TINY_CONV_MAX_POSITIONS or (
+        positions <= SMALL_CONV_MAX_POSITIONS and in_channels >= SMALL_CONV_MIN_CHANNELS)
 
 
 def _conv_native(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
@@ -130,8 +143,8 @@ def _conv_im2col(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
 class Conv2D(nn.Module):
     """An NHWC convolution with ``nn.Conv``'s parameters (``kernel`` HWIO, ``bias``), init and dtype handling.
 
-    Same math as ``nn.Conv``; only the lowering differs: on CPU, k×k (k > 1) convolutions with at most
-    :data:`SMALL_CONV_MAX_POSITIONS` output positions run as im2col + matmul (see the note above).
+    Same math as ``nn.Conv``; only the lowering differs: on CPU, k×k (k > 1) convolutions on small maps run as
+    im2col + matmul (:func:`uses_im2col_on_cpu`).
     """
 
     features: int
@@ -151,7 +164,7 @@ class Conv2D(nn.Module):
         (kh, kw), (sh, sw) = self.kernel_size, strides
         ho = (x.shape[1] + sum(padding[0]) - kh) // sh + 1
         wo = (x.shape[2] + sum(padding[1]) - kw) // sw + 1
-        if kh * kw > 1 and ho * wo <= SMALL_CONV_MAX_POSITIONS:
+        if uses_im2col_on_cpu((kh, kw), (ho, wo), x.shape[-1]):
             y = lax.platform_dependent(
                 x, kernel, cpu=lambda a, k: _conv_im2col(a, k, strides, padding),
                 default=lambda a, k: _conv_native(a, k, strides, padding))
