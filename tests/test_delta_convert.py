@@ -16,7 +16,13 @@ from safetensors.numpy import save_file
 
 from perflow_jax import delta as delta_lib
 from perflow_jax.cli import main as cli_main
-from perflow_jax.models.convert import ConversionError, host_array, load_state_dict, torch_to_flax
+from perflow_jax.models.convert import (
+    ConversionError,
+    SafetensorsStateDict,
+    host_array,
+    load_state_dict,
+    torch_to_flax,
+)
 from perflow_jax.models.unet import load_unet, unet_param_shapes
 from tests.support.tiny_sd import _unet, make_tiny_pipeline
 
@@ -188,3 +194,25 @@ def test_host_array_is_an_aligned_contiguous_copy(dtype) -> None:
         np.testing.assert_array_equal(out, src.astype(want_dtype) if want_dtype is not None else src)
         if out.ndim and jax.default_backend() == "cpu":  # XLA:CPU uses the buffer in place
             assert jax.device_put(out).unsafe_buffer_pointer() == out.ctypes.data
+
+
+def test_lazy_state_dict_reads_the_same_tensors(base, tmp_path) -> None:
+    """The lazy mapping used while loading models gives the eager dict's keys and arrays, across shards."""
+    folder, _, _ = base
+    path = folder / "diffusion_pytorch_model.safetensors"
+    eager = load_state_dict(path)
+    lazy = load_state_dict(path, lazy=True)
+    assert isinstance(lazy, SafetensorsStateDict) and len(lazy) == len(eager) and set(lazy) == set(eager)
+    for k, v in eager.items():
+        np.testing.assert_array_equal(lazy[k], v)
+    keys = sorted(eager)
+    shards = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        save_file({k: eager[k] for k in ks}, tmp_path / name)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    sharded = load_state_dict(index, lazy=True)
+    assert set(sharded) == set(eager)
+    np.testing.assert_array_equal(sharded[keys[-1]], eager[keys[-1]])
+    with pytest.raises(KeyError):
+        sharded["no.such.key"]
