@@ -446,8 +446,8 @@ def bench_scheduler(jpipe: Any, tpipe: Any, grid: list[dict[str, Any]], args: ar
 
 def bench_convs(jpipe: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     """One 3x3 conv per UNet level (its channels at its spatial size, batch 2B, NHWC) three ways: XLA's native
-    convolution, our ``layers.Conv2D`` as the UNet runs it (im2col + one matmul on CPU for maps of at most
-    ``SMALL_CONV_MAX_POSITIONS`` positions, the native conv otherwise), and PyTorch's conv2d.
+    convolution, our ``layers.Conv2D`` as the UNet runs it (im2col + one matmul on CPU where
+    ``layers.uses_im2col_on_cpu``, the native conv otherwise), and PyTorch's conv2d.
 
     Shows whether a UNet-stage gap between the frameworks comes from convolution kernels at the spatial sizes
     of this run."""
@@ -686,8 +686,9 @@ def render_markdown(res: dict[str, Any], chart_name: str | None) -> str:
     convs = res.get("convs")
     if convs:
         lines += ["", "One 3x3 convolution per UNet level (the level's channels at its spatial size in this run, batch "
-                  "2B), ms: XLA's native convolution, `layers.Conv2D` as the UNet runs it (im2col + one matmul on "
-                  "CPU for maps of at most 64 positions, the native conv otherwise), and PyTorch's `conv2d`:", "",
+                  "2B), ms: XLA's native convolution, `layers.Conv2D` as the UNet runs it (on CPU im2col + one matmul "
+                  "for maps of ≤ 4 positions, or ≤ 64 positions with ≥ 512 channels; the native conv otherwise), "
+                  "and PyTorch's `conv2d`:", "",
                   "| level | spatial | channels | XLA native conv | perflow-jax Conv2D | PyTorch conv2d |",
                   "|---:|---:|---:|---:|---:|---:|"]
         for c in convs:

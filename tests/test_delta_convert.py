@@ -196,8 +196,12 @@ def test_host_array_is_an_aligned_contiguous_copy(dtype) -> None:
             assert jax.device_put(out).unsafe_buffer_pointer() == out.ctypes.data
 
 
-def test_lazy_state_dict_reads_the_same_tensors(base, tmp_path) -> None:
-    """The lazy mapping used while loading models gives the eager dict's keys and arrays, across shards."""
+def test_lazy_state_dict_reads_the_same_tensors(base, tmp_path, monkeypatch) -> None:
+    """The lazy mapping used while loading models gives the eager dict's keys and arrays, across shards and
+    across the periodic re-mapping of its file (forced after every tensor here)."""
+    from perflow_jax.models import convert
+
+    monkeypatch.setattr(convert, "_REMAP_BYTES", 0)
     folder, _, _ = base
     path = folder / "diffusion_pytorch_model.safetensors"
     eager = load_state_dict(path)

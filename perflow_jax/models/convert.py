@@ -42,6 +42,9 @@ def _unreadable(path: str, e: Exception) -> ConversionError:
     )
 
 
+_REMAP_BYTES = 256 * 2**20
+
+
 class SafetensorsStateDict(Mapping):
     """The tensors of one or more ``.safetensors`` files as a read-only mapping, each read on access with
     safetensors' NumPy API. A conversion that walks it holds one PyTorch tensor at a time next to the
@@ -52,6 +55,7 @@ class SafetensorsStateDict(Mapping):
 
         self._files: dict[str, Any] = {}
         self._where: dict[str, str] = {}
+        self._mapped: dict[str, int] = {}
         for path in map(os.fspath, paths):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"Weights file {path!r} does not exist.")
@@ -65,9 +69,17 @@ class SafetensorsStateDict(Mapping):
     def __getitem__(self, key: str) -> np.ndarray:
         path = self._where[key]
         try:
-            return self._files[path].get_tensor(key)
+            value = self._files[path].get_tensor(key)
         except Exception as e:
             raise _unreadable(path, e) from e
+        # The file is memory-mapped and every page read stays resident (counted in RSS) until it is unmapped:
+        # reopen now and then so a whole-model walk keeps at most ~_REMAP_BYTES of it mapped.
+        self._mapped[path] = self._mapped.get(path, 0) + value.nbytes
+        if self._mapped[path] > _REMAP_BYTES:
+            from safetensors import safe_open
+
+            self._files[path], self._mapped[path] = safe_open(path, framework="numpy"), 0
+        return value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -415,7 +427,7 @@ def load_flax_checkpoint(path: str | os.PathLike, target: Any, dtype: Any = None
 def read_weights(folder: str | os.PathLike, stem: str, variant: str | None = None,
                  allow_pickle: bool = False) -> tuple[str, Mapping]:
     """A component folder's weights: ``("flax", params)`` from ``flax_model[.variant].msgpack`` when present
-    (already converted; loads fastest), else ``("torch", state_dict)`` from ``<stem>[.variant].safetensors``."""
+    (already in Flax layout), else ``("torch", state_dict)`` from ``<stem>[.variant].safetensors``."""
     folder = os.fspath(folder)
     flax_path = os.path.join(folder, flax_weights_name(variant))
     if os.path.isfile(flax_path):

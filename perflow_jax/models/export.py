@@ -92,7 +92,7 @@ def save_pipeline(components: PipelineComponents, dst: str | os.PathLike, *, to:
                   dtype: Any = None, overwrite: bool = False) -> str:
     """Write `components` as a pipeline folder: ``to="diffusers"`` (PyTorch-layout safetensors, loadable by
     diffusers' ``DiffusionPipeline.from_pretrained`` and by perflow-jax) or ``to="flax"`` (``flax_model.msgpack``
-    per model, what ``perflow-jax convert`` writes; loads fastest with ``load_pipeline_components``).
+    per model, what ``perflow-jax convert`` writes; loaded as is, without re-layout, by ``load_pipeline_components``).
 
     Args:
       components: e.g. from :func:`~perflow_jax.models.single_file.load_single_file`, after merging ΔW / LoRAs.
