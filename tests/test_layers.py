@@ -96,3 +96,20 @@ def test_one_by_one_convs_stay_native():
     x = jnp.ones((1, 2, 2, 4))
     params = conv.init(jax.random.key(0), x)
     np.testing.assert_allclose(conv.apply(params, x), nn.Conv(8, (1, 1)).apply(params, x), atol=ATOL)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("lq,lk,chunk,scale", [(37, 37, None, None), (37, 5, 16, None), (8, 77, None, 0.3)])
+def test_attention_matches_jax_dot_product_attention(dtype, lq, lk, chunk, scale):
+    """``layers.attention`` (heads-first on CPU) is ``jax.nn.dot_product_attention``'s XLA math: float32
+    logits and softmax, probabilities cast to the input dtype; self- and cross-attention, chunked or not."""
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (2, lq, 3, 8), dtype)
+    k = jax.random.normal(kk, (2, lk, 3, 8), dtype)
+    v = jax.random.normal(kv, (2, lk, 3, 8), dtype)
+    ours = jax.jit(lambda *a: layers.attention(*a, scale=scale, chunk_size=chunk))(q, k, v)
+    ref = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+    assert ours.dtype == dtype and ours.shape == ref.shape
+    # float32: accumulation order only. bf16: both round the probabilities and the output to bf16 (2^-8).
+    tol = ATOL if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=0)

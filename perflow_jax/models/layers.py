@@ -255,8 +255,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
     """Multi-head attention ``softmax(q·kᵀ·scale)·v`` on ``(B, L, heads, head_dim)`` tensors.
 
     Built on :func:`jax.nn.dot_product_attention`, which accumulates logits and runs the softmax in float32
-    for any input dtype. ``scale`` defaults to ``head_dim ** -0.5``. ``implementation`` (None / ``'xla'`` /
-    ``'cudnn'``) is passed through; cuDNN needs fp16/bf16 inputs and supported head sizes.
+    for any input dtype. ``scale`` defaults to ``head_dim ** -0.5``. ``implementation`` (``'xla'`` /
+    ``'cudnn'``) is passed through; cuDNN needs fp16/bf16 inputs and supported head sizes. With None, JAX
+    chooses, except on CPU, where the same math runs in a heads-first layout that XLA:CPU runs faster.
 
     ``chunk_size``: when set and smaller than the query length, queries are processed ``chunk_size`` at a
     time with :func:`jax.lax.map` (sequentially), so the ``(B, heads, Lq, Lk)`` logits are never
@@ -266,7 +267,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
     b, lq, n, d = q.shape
 
     def run(qc: jax.Array) -> jax.Array:
-        return jax.nn.dot_product_attention(qc, k, v, scale=scale, implementation=implementation)
+        if implementation is not None:
+            return jax.nn.dot_product_attention(qc, k, v, scale=scale, implementation=implementation)
+        return lax.platform_dependent(qc, k, v, cpu=lambda *a: _attention_heads_first(*a, scale=scale),
+                                      default=lambda *a: jax.nn.dot_product_attention(*a, scale=scale))
 
     if chunk_size is None or chunk_size >= lq:
         return run(q)
@@ -279,6 +283,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None =
     if main < lq:
         out = jnp.concatenate([out, run(q[:, main:])], axis=1)
     return out
+
+
+def _attention_heads_first(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None) -> jax.Array:
+    """``jax.nn.dot_product_attention``'s XLA math (float32 logits and softmax, probabilities cast back to the
+    input dtype) with heads moved ahead of the sequence first: XLA:CPU runs it 1.4–2.7× faster that way
+    (docs/benchmarks.md)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, heads, L, head_dim)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, vh), 1, 2)
 
 
 UNET_ATTENTION_NAMES = ("to_q", "to_k", "to_v", "to_out_0")  # former FlaxAttention (UNet transformer blocks)
