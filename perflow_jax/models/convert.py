@@ -45,25 +45,29 @@ def _unreadable(path: str, e: Exception) -> ConversionError:
 _REMAP_BYTES = 256 * 2**20
 
 
+def _open_safetensors(path: str) -> Any:
+    """safetensors' NumPy reader for `path`; a truncated or foreign file raises :class:`ConversionError`."""
+    from safetensors import safe_open
+
+    try:  # safetensors raises its own error types for truncated/corrupt headers
+        return safe_open(path, framework="numpy")
+    except Exception as e:
+        raise _unreadable(path, e) from e
+
+
 class SafetensorsStateDict(Mapping):
     """The tensors of one or more ``.safetensors`` files as a read-only mapping, each read on access with
     safetensors' NumPy API. A conversion that walks it holds one PyTorch tensor at a time next to the
     converted params, not a whole second copy of the model (SD1.5's UNet: 3.3 GiB)."""
 
     def __init__(self, paths: Iterable[str | os.PathLike]):
-        from safetensors import safe_open
-
         self._files: dict[str, Any] = {}
         self._where: dict[str, str] = {}
         self._mapped: dict[str, int] = {}
         for path in map(os.fspath, paths):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"Weights file {path!r} does not exist.")
-            try:  # safetensors raises its own error types for truncated/corrupt headers
-                handle = safe_open(path, framework="numpy")
-            except Exception as e:
-                raise _unreadable(path, e) from e
-            self._files[path] = handle
+            self._files[path] = handle = _open_safetensors(path)
             self._where.update(dict.fromkeys(handle.keys(), path))
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -76,9 +80,7 @@ class SafetensorsStateDict(Mapping):
         # reopen now and then so a whole-model walk keeps at most ~_REMAP_BYTES of it mapped.
         self._mapped[path] = self._mapped.get(path, 0) + value.nbytes
         if self._mapped[path] > _REMAP_BYTES:
-            from safetensors import safe_open
-
-            self._files[path], self._mapped[path] = safe_open(path, framework="numpy"), 0
+            self._files[path], self._mapped[path] = _open_safetensors(path), 0
         return value
 
     def __iter__(self) -> Iterator[str]:
