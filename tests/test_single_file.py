@@ -283,8 +283,9 @@ def test_shipped_configs_are_the_real_architectures() -> None:
 
 
 def test_export_diffusers_folder_roundtrip(tiny, tmp_path) -> None:
-    """load_single_file → save_pipeline → diffusers from_pretrained reproduces the PyTorch models exactly; the
-    Flax variant reloads with load_pipeline_components to the same params."""
+    """load_single_file → save_pipeline → diffusers from_pretrained reproduces the PyTorch models (state dicts
+    exactly, outputs to float32 rounding); the Flax variant reloads with load_pipeline_components to the same
+    params."""
     from diffusers import DiffusionPipeline
 
     for family in ("sd15", "sdxl"):
@@ -296,14 +297,18 @@ def test_export_diffusers_folder_roundtrip(tiny, tmp_path) -> None:
         for name in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if family == "sdxl" else ()):
             want, got = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
             assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
+        # The state dicts above are equal exactly: that is the promise. Two separately loaded PyTorch models
+        # need not run bit-identical forward passes (the attention implementation is picked at load time), so
+        # their outputs are compared to float32 rounding (1e-6), far below any weight-level difference.
         g = torch.Generator().manual_seed(0)
+        close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # noqa: E731
         with torch.no_grad():
             ids = torch.tensor([[0, 5, 17, 999, 2, 2]])
-            assert torch.equal(loaded.text_encoder(ids)[0], pipe.text_encoder(ids)[0])
+            close(loaded.text_encoder(ids)[0], pipe.text_encoder(ids)[0])
             z = torch.randn(1, 4, 8, 8, generator=g)
-            assert torch.equal(loaded.vae.decode(z).sample, pipe.vae.decode(z).sample)
+            close(loaded.vae.decode(z).sample, pipe.vae.decode(z).sample)
             if family == "sdxl":
-                assert torch.equal(loaded.text_encoder_2(ids).text_embeds, pipe.text_encoder_2(ids).text_embeds)
+                close(loaded.text_encoder_2(ids).text_embeds, pipe.text_encoder_2(ids).text_embeds)
         assert loaded.scheduler.config.prediction_type == pipe.scheduler.config.prediction_type
     comps = load_single_file(tiny["sd21"][2], base=tiny["sd21"][0])
     ref = load_pipeline_components(save_pipeline(comps, tmp_path / "flax", to="flax"))

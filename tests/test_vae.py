@@ -111,9 +111,11 @@ def test_chunked_decode_matches(vae, inputs):
     config, params = load_vae(folder)
     latents = np.concatenate([inputs[1], inputs[1][:1] * 0.5])  # batch 3: chunk 2 leaves a remainder
     full = _decode(AutoencoderKL(config), params, latents)
+    # Same math per image; a different batch size lets XLA block the float32 sums differently (1e-7 seen on
+    # jax 0.10.2, 2.6e-6 on 0.10.0). A wrong chunk or remainder would differ by O(0.1).
     for chunk in (1, 2):
         chunked = _decode(AutoencoderKL(config, decode_chunk_size=chunk), params, latents)
-        np.testing.assert_allclose(chunked, full, rtol=0, atol=1e-6, err_msg=f"decode_chunk_size={chunk}")
+        np.testing.assert_allclose(chunked, full, rtol=0, atol=5e-6, err_msg=f"decode_chunk_size={chunk}")
 
 
 def test_sampling_is_deterministic(vae, inputs):
