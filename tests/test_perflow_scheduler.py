@@ -67,7 +67,7 @@ def test_oracle_grid(sched: str, pred: str) -> None:
             ref = oracle.trajectory(x0, n, model_np)
             x = jnp.asarray(x0, jnp.float32)
             for i, t in enumerate(ref_ts):
-                x = perflow.step(cfg, state, model_jnp(x, jnp.int32(t)), i, x)
+                x, _ = perflow.step(cfg, state, model_jnp(x, jnp.int32(t)), i, x)
                 err = float(np.max(np.abs(np.asarray(x, np.float64) - ref[i]))) / max(1.0, np.abs(ref[i]).max())
                 worst = max(worst, err)
     print(f"{sched}/{pred}: worst relative error {worst:.2e}")
@@ -88,7 +88,7 @@ def test_matches_pytorch_transcription(pred: str, K: int, n: int) -> None:
     xt, xj = torch.from_numpy(x0), jnp.asarray(x0)
     for i, t in enumerate(ref.timesteps):
         xt = ref.step(torch.from_numpy(model_np(xt.numpy(), int(t)).astype(np.float32)), t, xt).prev_sample
-        xj = perflow.step(cfg, state, jnp.asarray(model_np(np.asarray(xj), int(t)), jnp.float32), i, xj)
+        xj, _ = perflow.step(cfg, state, jnp.asarray(model_np(np.asarray(xj), int(t)), jnp.float32), i, xj)
     diff = float(np.max(np.abs(xt.numpy() - np.asarray(xj)))) / max(1.0, float(np.abs(xt.numpy()).max()))
     print(f"K={K} n={n} {pred}: max relative diff vs torch {diff:.2e}")
     assert diff <= 1e-6
@@ -150,7 +150,7 @@ def test_straight_line_lands_on_window_end(pred: str, n: int) -> None:
             np.testing.assert_allclose(np.asarray(xj), x_t, atol=1e-5)
             v = perflow.model_output_to_velocity(cfg, jnp.asarray(eps, jnp.float32), xj, ts[i] / T)
             np.testing.assert_allclose(np.asarray(v), v_line, atol=1e-5 * max(1, np.abs(v_line).max()))
-            xj = perflow.step(cfg, state, jnp.asarray(eps, jnp.float32), i, xj)
+            xj, _ = perflow.step(cfg, state, jnp.asarray(eps, jnp.float32), i, xj)
             i += 1
         np.testing.assert_allclose(np.asarray(xj), x_e, atol=1e-5)
         x = x_e
@@ -172,7 +172,7 @@ def test_ddim_eps_one_step_per_window_is_ddim(K: int) -> None:
         eps = rng.standard_normal(x.shape).astype(np.float32)
         t_ddim = int(state.timesteps[i]) - 1  # ᾱ index of the window start
         want = ddim.step(torch.from_numpy(eps), t_ddim, torch.from_numpy(x), eta=0.0).prev_sample.numpy()
-        got = np.asarray(perflow.step(cfg, state, jnp.asarray(eps), i, jnp.asarray(x)))
+        got = np.asarray(perflow.step(cfg, state, jnp.asarray(eps), i, jnp.asarray(x))[0])
         np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, np.abs(want).max()))  # ≤ 1e-5 of scale
         x = want
 
@@ -204,16 +204,16 @@ def test_jit_vmap_grad_and_bf16() -> None:
     state = perflow.set_timesteps(cfg, 8)
     x = jax.random.normal(jax.random.key(0), (4, 4, 8, 8))
     eps = jax.random.normal(jax.random.key(1), x.shape)
-    eager = perflow.step(cfg, state, eps, 3, x)
-    jitted = jax.jit(perflow.step, static_argnums=0)(cfg, state, eps, jnp.int32(3), x)
+    eager, _ = perflow.step(cfg, state, eps, 3, x)
+    jitted, _ = jax.jit(perflow.step, static_argnums=0)(cfg, state, eps, jnp.int32(3), x)
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=1e-6)
-    per_sample = jax.vmap(lambda e, s: perflow.step(cfg, state, e[None], 3, s[None])[0])(eps, x)
+    per_sample = jax.vmap(lambda e, s: perflow.step(cfg, state, e[None], 3, s[None])[0][0])(eps, x)
     np.testing.assert_allclose(np.asarray(per_sample), np.asarray(eager), atol=1e-6)
-    g = jax.grad(lambda s: perflow.step(cfg, state, eps, 3, s).sum())(x)
+    g = jax.grad(lambda s: perflow.step(cfg, state, eps, 3, s)[0].sum())(x)
     lam = float(state.lambda_t[3])
     expected = 1 + float(state.dt[3]) * (lam - 1) / float(state.window_end[3] - state.timepoints[3])
     np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-5)
-    out16 = perflow.step(cfg, state, eps.astype(jnp.bfloat16), 3, x.astype(jnp.bfloat16))
+    out16, _ = perflow.step(cfg, state, eps.astype(jnp.bfloat16), 3, x.astype(jnp.bfloat16))
     assert out16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out16, np.float32), np.asarray(eager), atol=5e-2)
 

@@ -1,4 +1,4 @@
-"""Pieces every scheduler shares: beta schedules, ᾱ tables, config parsing and validation.
+"""Pieces every scheduler shares: beta schedules, ᾱ tables, config validation and the traced step helpers.
 
 Tables are built once on the host. :func:`diffusers_alphas_cumprod` rebuilds diffusers' (and the PeRFlow
 reference's) float32 ᾱ bit for bit; a float64 table would differ from it by up to ~1e-6 relative (1.3e-5
@@ -7,21 +7,16 @@ for the cosine schedule), which is why schedulers use the float32 rebuild.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Self, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-
-C = TypeVar("C")
 
 
 def betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
@@ -72,44 +67,8 @@ def broadcast_to_sample(coef: jnp.ndarray, sample: jnp.ndarray) -> jnp.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Config helpers shared by every scheduler's frozen Config dataclass.
+# Validation for every scheduler's frozen Config dataclass (``__post_init__``).
 # ----------------------------------------------------------------------------------------------------------
-
-
-def config_from_dict(cls: type[C], d: Mapping[str, Any]) -> C:
-    """Build a frozen Config from a diffusers ``scheduler_config.json`` dict, ignoring unknown keys."""
-    if not isinstance(d, Mapping):
-        raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(d).__name__}.")
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in d.items() if k in names}
-    if isinstance(kwargs.get("trained_betas"), list | np.ndarray):
-        kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
-    return cls(**kwargs)
-
-
-def config_from_json(cls: type[C], path: str | os.PathLike) -> C:
-    """Read a diffusers ``scheduler_config.json`` (or the folder holding one)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "scheduler_config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"No scheduler config at {path!r}: expected a diffusers scheduler_config.json.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
-    return config_from_dict(cls, d)
-
-
-def config_to_dict(cfg: Any, class_name: str) -> dict[str, Any]:
-    """A diffusers-readable dict (``_class_name`` first); tuples become lists for JSON."""
-    out: dict[str, Any] = {"_class_name": class_name}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        out[f.name] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -138,39 +97,11 @@ def check_beta_config(num_train_timesteps: int, beta_start: float, beta_end: flo
             )
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The diffusers scheduler family (DDIM, DDPM, Euler, Euler ancestral, DPM-Solver++, UniPC, LCM).
-#
-# diffusers builds its tables in float32 PyTorch. Where a table feeds trajectories whose values reach
-# σ_max ≈ 15 (Euler) or 1/α ≈ 15 (x0 predictions), the float64 ᾱ above differs from diffusers' by up to
-# 1e-6 relative, which is visible at float32 scale; so the family rebuilds diffusers' float32 rounding
-# exactly (β and α = 1 − β rounded to float32, the product accumulated in float64 as PyTorch's CPU
-# cumprod does). Everything after ᾱ is computed in float64 NumPy and stored as float32.
-# ----------------------------------------------------------------------------------------------------------
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
-FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
-
-
-class ConfigMixin:
-    """``from_dict`` / ``from_json`` / ``to_dict`` for a frozen Config dataclass named after `class_name`."""
-
-    class_name: ClassVar[str] = ""
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Self:
-        """From a diffusers ``scheduler_config.json`` dict; unknown keys are ignored."""
-        return config_from_dict(cls, d)
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> Self:
-        """From a ``scheduler_config.json`` file (or the folder holding one)."""
-        return config_from_json(cls, path)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A dict diffusers' ``from_config`` reads (keys diffusers lacks are ignored there)."""
-        return config_to_dict(self, self.class_name)
+def check_vp_schedule(cfg: Any) -> None:
+    """In a VP config's ``__post_init__``: freeze ``trained_betas`` (a list from JSON) into a hashable tuple
+    of floats and validate the beta fields (``num_train_timesteps``, ``beta_*``, ``trained_betas``)."""
+    freeze_sequence(cfg, "trained_betas")
+    check_beta_config(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.trained_betas)
 
 
 def freeze_sequence(cfg: Any, name: str, cast: Callable[[Any], Any] = float) -> None:
@@ -217,6 +148,21 @@ def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int
             f"got {num_inference_steps}."
         )
     return int(num_inference_steps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The diffusers scheduler family (DDIM, DDPM, Euler, Euler ancestral, DPM-Solver++, UniPC, LCM).
+#
+# diffusers builds its tables in float32 PyTorch. Where a table feeds trajectories whose values reach
+# σ_max ≈ 15 (Euler) or 1/α ≈ 15 (x0 predictions), the float64 ᾱ above differs from diffusers' by up to
+# 1e-6 relative, which is visible at float32 scale; so the family rebuilds diffusers' float32 rounding
+# exactly (β and α = 1 − β rounded to float32, the product accumulated in float64 as PyTorch's CPU
+# cumprod does). Everything after ᾱ is computed in float64 NumPy and stored as float32.
+# ----------------------------------------------------------------------------------------------------------
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
 
 def _torch_linspace_f32(start: float, end: float, num: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any
 
 import jax
@@ -23,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from perflow_jax.schedulers import common
+from perflow_jax.schedulers import base, common
 
 
 @dataclasses.dataclass(frozen=True)
-class DDIMConfig(common.ConfigMixin):
+class DDIMConfig(base.ConfigMixin):
     """diffusers ``DDIMScheduler`` settings (same names and defaults), plus the per-call ``eta`` and
     ``use_clipped_model_output`` of its ``step``."""
 
@@ -52,9 +53,7 @@ class DDIMConfig(common.ConfigMixin):
     use_clipped_model_output: bool = False
 
     def __post_init__(self) -> None:
-        common.freeze_sequence(self, "trained_betas")
-        common.check_beta_config(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule,
-                                 self.trained_betas)
+        common.check_vp_schedule(self)
         common.check_choice("prediction_type", self.prediction_type, common.PREDICTION_TYPES)
         common.check_choice("timestep_spacing", self.timestep_spacing, common.TIMESTEP_SPACINGS)
         common.check_non_negative_int("steps_offset", self.steps_offset)
@@ -124,8 +123,10 @@ def add_noise(config: DDIMConfig, original: jax.Array, noise: jax.Array, timeste
     return common.add_noise_discrete(config, original, noise, timesteps)
 
 
-def make(config: DDIMConfig) -> Any:
-    """The :class:`perflow_jax.schedulers.Scheduler` bundle for `config`."""
-    from perflow_jax.schedulers import unscaled_bundle
+scale_model_input = base.unscaled_model_input  # the model sees the sample as is
+init_noise_sigma = base.unit_noise_sigma  # the initial noise is N(0, 1)
 
-    return unscaled_bundle("ddim", config, set_timesteps, step, add_noise)
+
+def make(config: DDIMConfig) -> base.Scheduler:
+    """The registry bundle: this module's functions bound to `config`."""
+    return base.bundle("ddim", config, sys.modules[__name__])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 from typing import Any
 
 import jax
@@ -34,14 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from perflow_jax.schedulers import common
+from perflow_jax.schedulers import base, common
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverConfig(common.ConfigMixin):
+class DPMSolverConfig(base.ConfigMixin):
     """diffusers ``DPMSolverMultistepScheduler`` settings (same names and defaults); options this port does
     not implement must keep their defaults."""
 
@@ -77,13 +78,11 @@ class DPMSolverConfig(common.ConfigMixin):
     time_shift_type: str = "exponential"
 
     def __post_init__(self) -> None:
-        common.freeze_sequence(self, "trained_betas")
+        common.check_vp_schedule(self)
         if self.algorithm_type == "deis":
             object.__setattr__(self, "algorithm_type", "dpmsolver++")
         if self.solver_type in ("logrho", "bh1", "bh2"):
             object.__setattr__(self, "solver_type", "midpoint")
-        common.check_beta_config(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule,
-                                 self.trained_betas)
         common.check_choice("solver_order", self.solver_order, (1, 2, 3))
         common.check_choice("prediction_type", self.prediction_type, common.PREDICTION_TYPES)
         common.check_choice("algorithm_type", self.algorithm_type, ALGORITHM_TYPES)
@@ -242,12 +241,13 @@ def step(config: DPMSolverConfig, state: DPMSolverState, model_output: jax.Array
     return prev.astype(sample.dtype), state
 
 
-def add_noise(original: jax.Array, noise: jax.Array, timesteps: jax.typing.ArrayLike, state: Any = None
-              ) -> jax.Array:
+def add_noise(config: Any, original: jax.Array, noise: jax.Array, timesteps: jax.typing.ArrayLike,
+              state: Any = None) -> jax.Array:
     """α_t·x₀ + σ_t·ε at the σ of each timestep's step in the schedule (absent timesteps: the last step).
 
-    Works for any state with ``timesteps`` and ``sigmas`` (UniPC's too).
+    Works for any state with ``timesteps`` and ``sigmas`` (UniPC's too); `config` is unused.
     """
+    del config
     if state is None:
         raise ValueError("add_noise needs the state from set_timesteps to map timesteps to sigmas.")
     idx = common.timestep_index(state.timesteps, timesteps)
@@ -256,16 +256,10 @@ def add_noise(original: jax.Array, noise: jax.Array, timesteps: jax.typing.Array
     return common.add_noise_vp(original, noise, alpha, sigma * alpha)
 
 
-def make(config: DPMSolverConfig) -> Any:
-    """The :class:`perflow_jax.schedulers.Scheduler` bundle for `config`."""
-    from perflow_jax.schedulers import Scheduler
+scale_model_input = base.unscaled_model_input  # the model sees the sample as is
+init_noise_sigma = base.unit_noise_sigma  # the initial noise is N(0, 1)
 
-    return Scheduler(
-        name="dpmpp_2m",
-        config=config,
-        set_timesteps=functools.partial(set_timesteps, config),
-        step=functools.partial(step, config),
-        add_noise=add_noise,
-        scale_model_input=lambda state, sample, step_index: sample,
-        init_noise_sigma=lambda state: 1.0,
-    )
+
+def make(config: DPMSolverConfig) -> base.Scheduler:
+    """The registry bundle: this module's functions bound to `config`."""
+    return base.bundle("dpmpp_2m", config, sys.modules[__name__])

@@ -18,8 +18,8 @@ behaviour (the contract here):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
+import sys
 from typing import Any
 
 import jax
@@ -27,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from perflow_jax.schedulers import common
+from perflow_jax.schedulers import base, common
 
 TIMESTEP_TYPES = ("discrete", "continuous")
 
 
 @dataclasses.dataclass(frozen=True)
-class EulerConfig(common.ConfigMixin):
+class EulerConfig(base.ConfigMixin):
     """diffusers ``EulerDiscreteScheduler`` settings (same names and defaults), plus its per-call churn
     arguments."""
 
@@ -62,9 +62,7 @@ class EulerConfig(common.ConfigMixin):
     s_noise: float = 1.0
 
     def __post_init__(self) -> None:
-        common.freeze_sequence(self, "trained_betas")
-        common.check_beta_config(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule,
-                                 self.trained_betas)
+        common.check_vp_schedule(self)
         common.check_choice("prediction_type", self.prediction_type, common.PREDICTION_TYPES)
         common.check_choice("interpolation_type", self.interpolation_type, ("linear",))
         common.check_choice("timestep_spacing", self.timestep_spacing, common.TIMESTEP_SPACINGS)
@@ -132,8 +130,10 @@ def set_timesteps(config: EulerConfig, num_inference_steps: int, *, sample_shape
                       init_noise_sigma=jnp.asarray(init_noise_sigma_for(config.timestep_spacing, sigmas)))
 
 
-def scale_model_input(state: Any, sample: jax.Array, step_index: Any) -> jax.Array:
-    """x/sqrt(σ² + 1): the model input at σ (any state with ``sigmas``); `sample`'s dtype out."""
+def scale_model_input(config: Any, state: Any, sample: jax.Array, step_index: Any) -> jax.Array:
+    """x/sqrt(σ² + 1): the model input at σ (any state with ``sigmas``; `config` is unused); `sample`'s dtype
+    out."""
+    del config
     sigma = state.sigmas[step_index]
     return (sample.astype(jnp.float32) / jnp.sqrt(sigma**2 + 1)).astype(sample.dtype)
 
@@ -158,11 +158,13 @@ def step(config: EulerConfig, state: EulerState, model_output: jax.Array, step_i
     return prev.astype(sample.dtype), state
 
 
-def add_noise(original: jax.Array, noise: jax.Array, timesteps: jax.typing.ArrayLike, state: Any = None
-              ) -> jax.Array:
-    """x₀ + σ·ε with σ looked up from the schedule's timesteps (any state with ``timesteps``/``sigmas``).
+def add_noise(config: Any, original: jax.Array, noise: jax.Array, timesteps: jax.typing.ArrayLike,
+              state: Any = None) -> jax.Array:
+    """x₀ + σ·ε with σ looked up from the schedule's timesteps (any state with ``timesteps``/``sigmas``;
+    `config` is unused).
 
     A timestep not in the schedule raises when concrete; under ``jit`` it gets the final σ."""
+    del config
     if state is None:
         raise ValueError("Euler add_noise needs the state from set_timesteps to map timesteps to sigmas.")
     common.check_same_shape(noise, original)
@@ -174,16 +176,12 @@ def add_noise(original: jax.Array, noise: jax.Array, timesteps: jax.typing.Array
     return (original.astype(jnp.float32) + noise.astype(jnp.float32) * sigma).astype(original.dtype)
 
 
-def make(config: EulerConfig) -> Any:
-    """The :class:`perflow_jax.schedulers.Scheduler` bundle for `config`."""
-    from perflow_jax.schedulers import Scheduler
+def init_noise_sigma(config: Any, state: Any) -> jax.Array:
+    """The std of the initial noise, precomputed by ``set_timesteps`` (any state with ``init_noise_sigma``)."""
+    del config
+    return state.init_noise_sigma
 
-    return Scheduler(
-        name="euler",
-        config=config,
-        set_timesteps=functools.partial(set_timesteps, config),
-        step=functools.partial(step, config),
-        add_noise=add_noise,
-        scale_model_input=scale_model_input,
-        init_noise_sigma=lambda state: state.init_noise_sigma,
-    )
+
+def make(config: EulerConfig) -> base.Scheduler:
+    """The registry bundle: this module's functions bound to `config`."""
+    return base.bundle("euler", config, sys.modules[__name__])

@@ -11,7 +11,7 @@ Kept diffusers behaviour: the key is required on every step (the last one adds �
 from __future__ import annotations
 
 import dataclasses
-import functools
+import sys
 from typing import Any
 
 import jax
@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from perflow_jax.schedulers import common, euler
+from perflow_jax.schedulers import base, common, euler
 
 
 @dataclasses.dataclass(frozen=True)
-class EulerAncestralConfig(common.ConfigMixin):
+class EulerAncestralConfig(base.ConfigMixin):
     """diffusers ``EulerAncestralDiscreteScheduler`` settings (same names and defaults)."""
 
     class_name = "EulerAncestralDiscreteScheduler"
@@ -39,9 +39,7 @@ class EulerAncestralConfig(common.ConfigMixin):
     rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
-        common.freeze_sequence(self, "trained_betas")
-        common.check_beta_config(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule,
-                                 self.trained_betas)
+        common.check_vp_schedule(self)
         common.check_choice("prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
         common.check_choice("timestep_spacing", self.timestep_spacing, common.TIMESTEP_SPACINGS)
         common.check_non_negative_int("steps_offset", self.steps_offset)
@@ -96,16 +94,12 @@ def step(config: EulerAncestralConfig, state: EulerAncestralState, model_output:
     return (prev + noise * state.sigma_up[step_index]).astype(sample.dtype), state
 
 
-def make(config: EulerAncestralConfig) -> Any:
-    """The :class:`perflow_jax.schedulers.Scheduler` bundle for `config`."""
-    from perflow_jax.schedulers import Scheduler
+# Euler's: σ looked up from the schedule, x/sqrt(σ² + 1) and the precomputed σ_init.
+add_noise = euler.add_noise
+scale_model_input = euler.scale_model_input
+init_noise_sigma = euler.init_noise_sigma
 
-    return Scheduler(
-        name="euler_ancestral",
-        config=config,
-        set_timesteps=functools.partial(set_timesteps, config),
-        step=functools.partial(step, config),
-        add_noise=euler.add_noise,
-        scale_model_input=euler.scale_model_input,
-        init_noise_sigma=lambda state: state.init_noise_sigma,
-    )
+
+def make(config: EulerAncestralConfig) -> base.Scheduler:
+    """The registry bundle: this module's functions bound to `config`."""
+    return base.bundle("euler_ancestral", config, sys.modules[__name__])

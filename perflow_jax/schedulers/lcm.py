@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any
 
 import jax
@@ -25,13 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from perflow_jax.schedulers import common
+from perflow_jax.schedulers import base, common
 
 SIGMA_DATA = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
-class LCMConfig(common.ConfigMixin):
+class LCMConfig(base.ConfigMixin):
     """diffusers ``LCMScheduler`` settings (same names and defaults)."""
 
     class_name = "LCMScheduler"
@@ -55,9 +56,7 @@ class LCMConfig(common.ConfigMixin):
     rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
-        common.freeze_sequence(self, "trained_betas")
-        common.check_beta_config(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule,
-                                 self.trained_betas)
+        common.check_vp_schedule(self)
         common.check_positive_int("original_inference_steps", self.original_inference_steps)
         common.check_choice("prediction_type", self.prediction_type, common.PREDICTION_TYPES)
         common.check_choice("timestep_spacing", self.timestep_spacing, common.TIMESTEP_SPACINGS)
@@ -165,8 +164,10 @@ def add_noise(config: LCMConfig, original: jax.Array, noise: jax.Array, timestep
     return common.add_noise_discrete(config, original, noise, timesteps)
 
 
-def make(config: LCMConfig) -> Any:
-    """The :class:`perflow_jax.schedulers.Scheduler` bundle for `config`."""
-    from perflow_jax.schedulers import unscaled_bundle
+scale_model_input = base.unscaled_model_input  # the model sees the sample as is
+init_noise_sigma = base.unit_noise_sigma  # the initial noise is N(0, 1)
 
-    return unscaled_bundle("lcm", config, set_timesteps, step, add_noise)
+
+def make(config: LCMConfig) -> base.Scheduler:
+    """The registry bundle: this module's functions bound to `config`."""
+    return base.bundle("lcm", config, sys.modules[__name__])

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
+import sys
 import warnings
 from typing import Any, NamedTuple
 
@@ -39,14 +39,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from perflow_jax.schedulers import common
+from perflow_jax.schedulers import base, common
 
 PREDICTION_TYPES = ("ddim_eps", "diff_eps", "velocity")
 
 
 @dataclasses.dataclass(frozen=True)
-class PeRFlowConfig:
+class PeRFlowConfig(base.ConfigMixin):
     """PeRFlow settings, field for field the reference ``PeRFlowScheduler``'s (same defaults)."""
+
+    class_name = "PeRFlowScheduler"
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
@@ -60,10 +62,7 @@ class PeRFlowConfig:
     num_time_windows: int = 4
 
     def __post_init__(self) -> None:
-        if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
-            object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
-        common.check_beta_config(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule,
-                                 self.trained_betas)
+        common.check_vp_schedule(self)
         common.check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         common.check_positive_int("num_time_windows", self.num_time_windows)
         if self.t_noise != 1.0:
@@ -77,20 +76,6 @@ class PeRFlowConfig:
             raise ValueError(
                 f"t_clean={self.t_clean} must lie below the last window start 1/K = {1 / self.num_time_windows}."
             )
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PeRFlowConfig:
-        """From a diffusers ``scheduler_config.json`` dict; unknown keys are ignored."""
-        return common.config_from_dict(cls, d)
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> PeRFlowConfig:
-        """From a ``scheduler_config.json`` file (or the folder holding one)."""
-        return common.config_from_json(cls, path)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A dict the PyTorch ``PeRFlowScheduler.from_config`` reads."""
-        return common.config_to_dict(self, "PeRFlowScheduler")
 
     @property
     def window_starts(self) -> tuple[float, ...]:
@@ -269,12 +254,11 @@ def reference_timesteps(config: PeRFlowConfig, num_inference_steps: int) -> np.n
     return (points * config.num_train_timesteps).astype(np.int64)
 
 
-def set_timesteps(config: PeRFlowConfig, num_inference_steps: int,
+def set_timesteps(config: PeRFlowConfig, num_inference_steps: int, *,
                   sample_shape: tuple[int, ...] | None = None) -> PeRFlowState:
     """Precompute every per-step quantity ``step`` needs (host-side; call once per step count).
 
-    `sample_shape` is accepted for interface uniformity (multistep schedulers size their history by it)
-    and ignored: PeRFlow keeps no history.
+    `sample_shape` is unused: PeRFlow keeps no history.
     """
     del sample_shape
     timesteps = reference_timesteps(config, num_inference_steps)
@@ -313,10 +297,12 @@ def velocity(config: PeRFlowConfig, state: PeRFlowState, model_output: jax.Array
 
 
 def step(config: PeRFlowConfig, state: PeRFlowState, model_output: jax.Array, step_index: Any,
-         sample: jax.Array) -> jax.Array:
-    """One PeRFlow step: x_next = x + dt·v. Returns the next sample in `sample`'s dtype."""
+         sample: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, PeRFlowState]:
+    """One PeRFlow step: x_next = x + dt·v, in `sample`'s dtype; the state comes back unchanged and `key`
+    is unused (deterministic)."""
+    del key
     v = velocity(config, state, model_output, step_index, sample)
-    return (sample.astype(jnp.float32) + state.dt[step_index] * v).astype(sample.dtype)
+    return (sample.astype(jnp.float32) + state.dt[step_index] * v).astype(sample.dtype), state
 
 
 def predict_window_end(config: PeRFlowConfig, state: PeRFlowState, model_output: jax.Array,
@@ -327,9 +313,12 @@ def predict_window_end(config: PeRFlowConfig, state: PeRFlowState, model_output:
     return (sample.astype(jnp.float32) + span * v).astype(sample.dtype)
 
 
-def add_noise(config: PeRFlowConfig, original: jax.Array, noise: jax.Array,
-              timesteps: jax.typing.ArrayLike) -> jax.Array:
-    """Forward diffusion at integer timesteps t ∈ [1, T] (scalar or per sample), one-based: ᾱ[t − 1]."""
+def add_noise(config: PeRFlowConfig, original: jax.Array, noise: jax.Array, timesteps: jax.typing.ArrayLike,
+              state: PeRFlowState | None = None) -> jax.Array:
+    """Forward diffusion at integer timesteps t ∈ [1, T] (scalar or per sample), one-based: ᾱ[t − 1].
+
+    `state` is unused (the ᾱ table comes from the config)."""
+    del state
     common.check_same_shape(noise, original)
     timesteps = jnp.asarray(timesteps)
     if common.is_concrete(timesteps):
@@ -347,34 +336,13 @@ def add_noise(config: PeRFlowConfig, original: jax.Array, noise: jax.Array,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The registry bundle
+# The rest of the contract and the registry bundle
 # ----------------------------------------------------------------------------------------------------------
 
+scale_model_input = base.unscaled_model_input  # the model sees the sample as is
+init_noise_sigma = base.unit_noise_sigma  # the initial noise is N(0, 1)
 
-def make(config: PeRFlowConfig) -> Any:
-    """The :class:`perflow_jax.schedulers.Scheduler` bundle for `config`."""
-    from perflow_jax.schedulers import Scheduler
 
-    def _step(state: PeRFlowState, model_output: jax.Array, step_index: Any, sample: jax.Array,
-              key: jax.Array | None = None) -> tuple[jax.Array, PeRFlowState]:
-        del key  # deterministic
-        return step(config, state, model_output, step_index, sample), state
-
-    def _add_noise(original: jax.Array, noise: jax.Array, timesteps: jax.typing.ArrayLike,
-                   state: PeRFlowState | None = None) -> jax.Array:
-        del state
-        return add_noise(config, original, noise, timesteps)
-
-    def _scale_model_input(state: PeRFlowState, sample: jax.Array, step_index: Any) -> jax.Array:
-        del state, step_index
-        return sample
-
-    return Scheduler(
-        name="perflow",
-        config=config,
-        set_timesteps=functools.partial(set_timesteps, config),
-        step=_step,
-        add_noise=_add_noise,
-        scale_model_input=_scale_model_input,
-        init_noise_sigma=lambda state: 1.0,
-    )
+def make(config: PeRFlowConfig) -> base.Scheduler:
+    """The registry bundle: this module's functions bound to `config`."""
+    return base.bundle("perflow", config, sys.modules[__name__])

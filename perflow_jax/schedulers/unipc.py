@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 from typing import Any
 
 import jax
@@ -32,13 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from perflow_jax.schedulers import common, dpmpp_2m
+from perflow_jax.schedulers import base, common, dpmpp_2m
 
 SOLVER_TYPES = ("bh1", "bh2")
 
 
 @dataclasses.dataclass(frozen=True)
-class UniPCConfig(common.ConfigMixin):
+class UniPCConfig(base.ConfigMixin):
     """diffusers ``UniPCMultistepScheduler`` settings (same names and defaults; ``disable_corrector`` is a
     tuple); options this port does not implement must keep their defaults."""
 
@@ -74,12 +75,10 @@ class UniPCConfig(common.ConfigMixin):
     shift_terminal: float | None = None
 
     def __post_init__(self) -> None:
-        common.freeze_sequence(self, "trained_betas")
+        common.check_vp_schedule(self)
         common.freeze_sequence(self, "disable_corrector", int)
         if self.solver_type in ("midpoint", "heun", "logrho"):
             object.__setattr__(self, "solver_type", "bh2")
-        common.check_beta_config(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule,
-                                 self.trained_betas)
         common.check_choice("solver_order", self.solver_order, (1, 2, 3))
         common.check_choice("prediction_type", self.prediction_type, common.PREDICTION_TYPES)
         common.check_choice("solver_type", self.solver_type, SOLVER_TYPES)
@@ -271,16 +270,11 @@ def step(config: UniPCConfig, state: UniPCState, model_output: jax.Array, step_i
     return prev.astype(sample.dtype), state
 
 
-def make(config: UniPCConfig) -> Any:
-    """The :class:`perflow_jax.schedulers.Scheduler` bundle for `config`."""
-    from perflow_jax.schedulers import Scheduler
+add_noise = dpmpp_2m.add_noise  # σ of each timestep's step in the schedule, as DPM-Solver++
+scale_model_input = base.unscaled_model_input  # the model sees the sample as is
+init_noise_sigma = base.unit_noise_sigma  # the initial noise is N(0, 1)
 
-    return Scheduler(
-        name="unipc",
-        config=config,
-        set_timesteps=functools.partial(set_timesteps, config),
-        step=functools.partial(step, config),
-        add_noise=dpmpp_2m.add_noise,
-        scale_model_input=lambda state, sample, step_index: sample,
-        init_noise_sigma=lambda state: 1.0,
-    )
+
+def make(config: UniPCConfig) -> base.Scheduler:
+    """The registry bundle: this module's functions bound to `config`."""
+    return base.bundle("unipc", config, sys.modules[__name__])
