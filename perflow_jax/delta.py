@@ -9,22 +9,19 @@ Here ΔW lives as a Flax param tree shaped exactly like the UNet's params; key s
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import save_file
 
 from perflow_jax.io import atomic_file
-from perflow_jax.models.convert import (
-    ConversionError,
-    find_weights_file,
-    load_state_dict,
-    torch_state_dict,
-    torch_to_flax,
-)
+from perflow_jax.models.convert import torch_state_dict, torch_to_flax
+from perflow_jax.models.mismatch import ConversionError, compare_shapes
+from perflow_jax.models.weights_io import find_weights_file, load_state_dict
 
 DELTA_FILE = "delta_weights.safetensors"
 
@@ -70,14 +67,10 @@ def load_delta(path: str | os.PathLike, unet_params: Mapping, variant: str | Non
 
 
 def _check_same_tree(a: Mapping, b: Mapping, what: str) -> None:
-    fa, fb = traverse_util.flatten_dict(dict(a)), traverse_util.flatten_dict(dict(b))
-    missing, extra = sorted(set(fa) - set(fb)), sorted(set(fb) - set(fa))
-    bad = [k for k in set(fa) & set(fb) if tuple(np.shape(fa[k])) != tuple(np.shape(fb[k]))]
-    if missing or extra or bad:
-        fmt = lambda ks: ", ".join("/".join(k) for k in ks[:5]) + (" ..." if len(ks) > 5 else "")  # noqa: E731
-        raise ValueError(f"{what}: parameter trees differ — {len(missing)} only in the first ({fmt(missing)}), "
-                         f"{len(extra)} only in the second ({fmt(extra)}), {len(bad)} with other shapes "
-                         f"({fmt(sorted(bad))}).")
+    """Raise one :class:`ConversionError` (a ValueError) listing every path and shape where `b` differs from `a`."""
+    shapes = [{k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(t)).items()} for t in (a, b)]
+    compare_shapes(shapes[1], shapes[0]).raise_if_any(
+        f"{what}: parameter trees differ:", labels=("only in the first", "only in the second", "other shapes"))
 
 
 def merge(unet_params: Mapping, delta: Mapping, scale: float = 1.0) -> dict:
@@ -86,6 +79,16 @@ def merge(unet_params: Mapping, delta: Mapping, scale: float = 1.0) -> dict:
     return jax.tree_util.tree_map(
         lambda w, d: (jnp.asarray(w, jnp.float32) + scale * jnp.asarray(d, jnp.float32)).astype(jnp.asarray(w).dtype),
         dict(unet_params), dict(delta))
+
+
+def merger(path: str | os.PathLike, scale: float = 1.0) -> Callable[[Mapping], dict]:
+    """``params -> params + scale·ΔW`` for the ΔW at `path`, read against the params it is given (for
+    ``models.components.convert_to_flax(unet_transform=...)``)."""
+
+    def apply(unet_params: Mapping) -> dict:
+        return merge(unet_params, load_delta(path, unet_params), scale)
+
+    return apply
 
 
 def extract(merged: Mapping, base: Mapping) -> dict:
@@ -107,8 +110,6 @@ def export(delta: Mapping, path: str | os.PathLike, dtype: Any = None,
     `path` is a ``.safetensors`` file or a folder (then ``<folder>/delta_weights.safetensors``). The file is
     what the PyTorch PeRFlow code's ``load_delta_weights_into_unet`` reads. Returns the file written.
     """
-    from safetensors.numpy import save_file
-
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         os.makedirs(path, exist_ok=True)

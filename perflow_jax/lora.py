@@ -35,8 +35,10 @@ import numpy as np
 from flax import traverse_util
 
 from perflow_jax.models.components import PipelineComponents
-from perflow_jax.models.convert import format_key_list, read_safetensors, to_flax_layout, torch_key
+from perflow_jax.models.keymap import to_flax_layout, torch_key
+from perflow_jax.models.mismatch import KeyMismatch
 from perflow_jax.models.single_file import rewrite_key, unet_ldm_table
+from perflow_jax.models.weights_io import read_safetensors, read_safetensors_metadata
 
 __all__ = ["LoRA", "LoRAError", "LoRAModule", "load_lora", "merge_loras"]
 
@@ -102,10 +104,7 @@ def _peft_alpha(metadata: Mapping[str, Any], component: str, module: str) -> flo
 
 
 def _read_metadata(path: str) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    with safe_open(path, "np") as f:
-        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    raw = read_safetensors_metadata(path).get("lora_adapter_metadata")
     return json.loads(raw) if raw else {}
 
 
@@ -202,7 +201,7 @@ def merge_loras(components: PipelineComponents, loras: Iterable[tuple[LoRA, floa
     tables: dict[str, dict[str, tuple[str, ...]]] = {}
     flats = {c: traverse_util.flatten_dict(dict(p)) for c, p in params.items() if p is not None}
     sums: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
-    missing, misshaped, absent = [], [], {}
+    report, absent = KeyMismatch(), dict[str, int]()
     for lora, scale in loras:
         for (component, module), weights in lora.modules.items():
             if component not in flats:
@@ -212,28 +211,24 @@ def merge_loras(components: PipelineComponents, loras: Iterable[tuple[LoRA, floa
                 tables[component] = _targets(component, params[component], components)
             target = tables[component].get(_canonical(module))
             if target is None:
-                missing.append(f"{component}:{module}")
+                report.missing.append(f"{component}:{module}")
                 continue
             kernel = flats[component][target + ("kernel",)]
             delta = weights.delta()
             flax_delta = to_flax_layout(delta, "kernel", tuple(kernel.shape))
             if flax_delta.shape != tuple(kernel.shape):
-                misshaped.append(f"{component}:{module}: LoRA up@down {delta.shape} (rank {weights.rank}) vs the "
-                                 f"model's {'/'.join(target)}/kernel {tuple(kernel.shape)}")
+                report.misshaped.append(f"{component}:{module}: LoRA up@down {delta.shape} (rank {weights.rank}) vs "
+                                        f"the model's {'/'.join(target)}/kernel {tuple(kernel.shape)}")
                 continue
             key = (component, target + ("kernel",))
             sums[key] = sums.get(key, 0.0) + np.float32(scale) * flax_delta
-    missing = [f"{c}: {n} modules (this model has no {c})" for c, n in absent.items()] + missing
-    if missing or misshaped:
-        names = ", ".join(os.path.basename(lora.path) for lora, _ in loras)
-        parts = [f"The LoRA(s) {names} do not fit this {components.family} model "
-                 f"(UNet cross-attention width {components.unet_config.encoder_dim}):"]
-        if missing:
-            parts.append(format_key_list("target modules the model does not have", missing))
-        if misshaped:
-            parts.append(format_key_list("shape mismatches", misshaped))
-        parts.append("Is the LoRA for another model family (SD1.x / SD2.x / SDXL)?")
-        raise LoRAError("\n".join(parts))
+    report.missing[:0] = [f"{c}: {n} modules (this model has no {c})" for c, n in absent.items()]
+    names = ", ".join(os.path.basename(lora.path) for lora, _ in loras)
+    report.raise_if_any(
+        f"The LoRA(s) {names} do not fit this {components.family} model "
+        f"(UNet cross-attention width {components.unet_config.encoder_dim}):",
+        labels=("target modules the model does not have", "unexpected", "shape mismatches"),
+        hint="Is the LoRA for another model family (SD1.x / SD2.x / SDXL)?", error=LoRAError)
 
     merged = dict(params)
     for component in {c for c, _ in sums}:

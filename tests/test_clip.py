@@ -19,7 +19,7 @@ from perflow_jax.models.clip import (
     CLIPTextModelWithProjection,
     load_clip_text_model,
 )
-from perflow_jax.models.convert import ConversionError
+from perflow_jax.models.mismatch import ConversionError
 
 # float32 on both sides; the only differences are accumulation order in matmuls / reductions, ~1e-7 relative
 # on O(1) activations, so 1e-5 absolute leaves ample margin while catching any real math difference.

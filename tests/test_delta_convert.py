@@ -16,14 +16,12 @@ from safetensors.numpy import save_file
 
 from perflow_jax import delta as delta_lib
 from perflow_jax.cli import main as cli_main
-from perflow_jax.models.convert import (
-    ConversionError,
-    SafetensorsStateDict,
-    host_array,
-    load_state_dict,
-    torch_to_flax,
-)
+from perflow_jax.models import weights_io
+from perflow_jax.models.convert import torch_to_flax
+from perflow_jax.models.host_memory import host_array
+from perflow_jax.models.mismatch import ConversionError
 from perflow_jax.models.unet import load_unet, unet_param_shapes
+from perflow_jax.models.weights_io import SafetensorsStateDict, load_state_dict
 from tests.support.tiny_sd import _unet, make_tiny_pipeline
 
 
@@ -199,9 +197,7 @@ def test_host_array_is_an_aligned_contiguous_copy(dtype) -> None:
 def test_lazy_state_dict_reads_the_same_tensors(base, tmp_path, monkeypatch) -> None:
     """The lazy mapping used while loading models gives the eager dict's keys and arrays, across shards and
     across the periodic re-mapping of its file (forced after every tensor here)."""
-    from perflow_jax.models import convert
-
-    monkeypatch.setattr(convert, "_REMAP_BYTES", 0)
+    monkeypatch.setattr(weights_io, "_REMAP_BYTES", 0)
     folder, _, _ = base
     path = folder / "diffusion_pytorch_model.safetensors"
     eager = load_state_dict(path)

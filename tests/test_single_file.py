@@ -24,22 +24,21 @@ import torch
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from perflow_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, clip_param_shapes
 from perflow_jax.models.components import load_pipeline_components
-from perflow_jax.models.convert import ConversionError, torch_key
 from perflow_jax.models.export import save_pipeline
+from perflow_jax.models.keymap import torch_key
+from perflow_jax.models.mismatch import ConversionError
 from perflow_jax.models.single_file import (
     UNET_PREFIX,
     VAE_PREFIX,
-    clip_param_shapes,
     family_config,
     load_single_file,
     unet_ldm_table,
     vae_ldm_table,
-    vae_param_shapes,
 )
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
-from perflow_jax.models.vae import AutoencoderKL, VAEConfig
+from perflow_jax.models.vae import AutoencoderKL, VAEConfig, vae_param_shapes
 from tests.support.tiny_sd import make_tiny_pipeline
 
 TOL = 1e-5

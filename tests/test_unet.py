@@ -19,8 +19,10 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from perflow_jax.models.convert import ConversionError, flax_to_torch, load_state_dict  # noqa: E402
+from perflow_jax.models.convert import flax_to_torch  # noqa: E402
+from perflow_jax.models.mismatch import ConversionError  # noqa: E402
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig, load_unet  # noqa: E402
+from perflow_jax.models.weights_io import load_state_dict  # noqa: E402
 
 torch.set_grad_enabled(False)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from perflow_jax.models.convert import ConversionError
+from perflow_jax.models.mismatch import ConversionError
 from perflow_jax.models.vae import (
     AutoencoderKL,
     LatentDistribution,

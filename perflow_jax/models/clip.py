@@ -9,9 +9,8 @@ softmax run in float32 whatever the compute ``dtype``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
 import chex
@@ -20,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax.models.convert import read_weights, weights_to_params
+from perflow_jax.models.config_io import read_config_json
+from perflow_jax.models.convert import load_params
 
 HIDDEN_ACTS = ("quick_gelu", "gelu")
 LEGACY_EOS_TOKEN_ID = 2  # configs written before transformers PR #24773 pool at argmax(input_ids)
@@ -81,20 +81,6 @@ class CLIPTextConfig:
     def from_json(cls, path: str | os.PathLike) -> CLIPTextConfig:
         """Read ``config.json`` (or the folder holding it)."""
         return cls.from_dict(read_config_json(path))
-
-
-def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
-    """Load ``config.json`` given the file or the folder holding it, with clear errors."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No model config at {path!r}: expected a config.json.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
 
 
 class CLIPTextOutput(NamedTuple):
@@ -182,21 +168,32 @@ def load_clip_text_model(
     """
     folder = os.fspath(folder)
     config = CLIPTextConfig.from_json(folder)
-    kind, weights = read_weights(folder, "model", variant, allow_pickle)
-    if with_projection is None:
-        if config.architectures:
-            with_projection = "CLIPTextModelWithProjection" in config.architectures
-        else:
-            with_projection = "text_projection.weight" in weights or "text_projection" in weights
-    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
-    ids = jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
-    target = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
-    ignore = [r"(^|\.)position_ids$"] + ([] if with_projection else [r"^text_projection\."])
-    if kind == "flax" and not with_projection:
-        weights = {k: v for k, v in weights.items() if k != "text_projection"}
-    params = weights_to_params(kind, weights, target, rename=rename_clip_torch_key, ignore=ignore, dtype=dtype,
-                               what=type(model).__name__)
+    if with_projection is None and config.architectures:
+        with_projection = "CLIPTextModelWithProjection" in config.architectures
+    drop_projection = with_projection is not None and not with_projection
+    ignore = [r"(^|\.)position_ids$"] + ([r"^text_projection\."] if drop_projection else [])
+    what = "CLIP text encoder" if with_projection is None else _model_class(with_projection).__name__
+
+    def target(names: Collection[str]) -> dict:  # without architectures, the file decides
+        projection = ("text_projection.weight" in names or "text_projection" in names) if with_projection is None \
+            else with_projection
+        return clip_param_shapes(config, projection)
+
+    params = load_params(folder, "model", target, variant=variant, allow_pickle=allow_pickle,
+                         rename=rename_clip_torch_key, ignore=ignore, dtype=dtype, what=what)
     return config, jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def clip_param_shapes(config: CLIPTextConfig, projection: bool) -> dict:
+    """The params tree of ``CLIPTextModel`` (or, with `projection`, ``...WithProjection``) as
+    ``jax.ShapeDtypeStruct`` leaves, without allocating anything."""
+    model = _model_class(projection)(config)
+    ids = jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+
+
+def _model_class(projection: bool) -> type[nn.Module]:
+    return CLIPTextModelWithProjection if projection else CLIPTextModel
 
 
 def rename_clip_torch_key(key: str) -> str:

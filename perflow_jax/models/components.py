@@ -9,14 +9,21 @@ Tokenizers are transformers' ``CLIPTokenizer`` read from the local ``vocab.json`
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import shutil
+import time
+from collections.abc import Callable
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from perflow_jax.hub import resolve_model_path
+from perflow_jax.io import atomic_dir
 from perflow_jax.models.clip import CLIPTextConfig, load_clip_text_model
+from perflow_jax.models.config_io import CONFIG_NAME, read_config_json, read_json
 from perflow_jax.models.unet import UNetConfig, load_unet
 from perflow_jax.models.vae import VAEConfig, load_vae
+from perflow_jax.models.weights_io import FLAX_WEIGHTS, save_flax_checkpoint
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
@@ -72,8 +79,20 @@ def read_model_index(root: str) -> dict[str, Any]:
             f"{root!r} has no model_index.json: it is not a diffusers pipeline folder. Save one with "
             "DiffusionPipeline.save_pretrained, or pass the folder that holds model_index.json."
         )
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path)
+
+
+# Every model loader takes (folder, *, dtype, variant, allow_pickle): one call site per option, so an option
+# reaches every component.
+ModelLoader = Callable[..., tuple[Any, dict]]
+_MODEL_LOADERS: dict[str, ModelLoader] = {"unet": load_unet, "vae": load_vae, "text_encoder": load_clip_text_model,
+                                          "text_encoder_2": load_clip_text_model}
+
+
+def _load_model(kind: str, folder: str, *, dtype: Any, variant: str | None, allow_pickle: bool,
+                **options: Any) -> tuple[Any, dict]:
+    """``(config, params)`` of the `kind` model in `folder`; `options` are that loader's own extra arguments."""
+    return _MODEL_LOADERS[kind](folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle, **options)
 
 
 def load_pipeline_components(path_or_repo_id: str | os.PathLike, dtype: Any = None, variant: str | None = None,
@@ -91,23 +110,20 @@ def load_pipeline_components(path_or_repo_id: str | os.PathLike, dtype: Any = No
     index = read_model_index(root)
     family = "sdxl" if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")) else "sd"
 
-    unet_config, unet_params = load_unet(_subfolder(root, "unet"), dtype=dtype, variant=variant,
-                                         allow_pickle=allow_pickle)
-    vae_config, vae_params = load_vae(_subfolder(root, "vae"), dtype=dtype, variant=variant)
-    te_config, te_params = load_clip_text_model(_subfolder(root, "text_encoder"), dtype=dtype,
-                                                with_projection=False, variant=variant)
+    load = dict(dtype=dtype, variant=variant, allow_pickle=allow_pickle)
+    unet_config, unet_params = _load_model("unet", _subfolder(root, "unet"), **load)
+    vae_config, vae_params = _load_model("vae", _subfolder(root, "vae"), **load)
+    te_config, te_params = _load_model("text_encoder", _subfolder(root, "text_encoder"), **load,
+                                       with_projection=False)
     tokenizer = load_tokenizer(_subfolder(root, "tokenizer"))
     sched_path = os.path.join(root, "scheduler", "scheduler_config.json")
-    scheduler_config = None
-    if os.path.isfile(sched_path):
-        with open(sched_path, encoding="utf-8") as f:
-            scheduler_config = json.load(f)
+    scheduler_config = read_json(sched_path) if os.path.isfile(sched_path) else None
 
     comps = PipelineComponents(root, family, index, unet_config, unet_params, vae_config, vae_params, te_config,
                                te_params, tokenizer, scheduler_config)
     if family == "sdxl":
-        comps.text_encoder_2_config, comps.text_encoder_2_params = load_clip_text_model(
-            _subfolder(root, "text_encoder_2"), dtype=dtype, with_projection=True, variant=variant)
+        comps.text_encoder_2_config, comps.text_encoder_2_params = _load_model(
+            "text_encoder_2", _subfolder(root, "text_encoder_2"), **load, with_projection=True)
         comps.tokenizer_2 = load_tokenizer(_subfolder(root, "tokenizer_2"))
     return comps
 
@@ -116,28 +132,17 @@ def load_pipeline_components(path_or_repo_id: str | os.PathLike, dtype: Any = No
 # Converting a folder to Flax checkpoints (`perflow-jax convert`)
 # ----------------------------------------------------------------------------------------------------------
 
-_COMPONENT_LOADERS = {
-    "unet": lambda folder, dtype, variant, allow_pickle: load_unet(folder, dtype=dtype, variant=variant,
-                                                                   allow_pickle=allow_pickle),
-    "vae": lambda folder, dtype, variant, allow_pickle: load_vae(folder, dtype=dtype, variant=variant,
-                                                                 allow_pickle=allow_pickle),
-    "text_encoder": lambda folder, dtype, variant, allow_pickle: load_clip_text_model(
-        folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle),
-    "text_encoder_2": lambda folder, dtype, variant, allow_pickle: load_clip_text_model(
-        folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle),
-}
 _SINGLE_CLASSES = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder",
                    "CLIPTextModelWithProjection": "text_encoder_2"}
 
 
 def _component_kind(folder: str) -> str:
     """Which loader a single component folder needs, from its config.json."""
-    cfg_path = os.path.join(folder, "config.json")
+    cfg_path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{folder!r} has neither model_index.json (a pipeline) nor config.json (a "
                                 "single UNet / VAE / text encoder).")
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
+    cfg = read_config_json(cfg_path)
     names = [cfg.get("_class_name")] + list(cfg.get("architectures") or [])
     for n in names:
         if n in _SINGLE_CLASSES:
@@ -147,24 +152,17 @@ def _component_kind(folder: str) -> str:
 
 
 def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None,
-                    delta: str | os.PathLike | None = None, variant: str | None = None, allow_pickle: bool = False,
-                    overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                    unet_transform: Callable[[Any], Any] | None = None, variant: str | None = None,
+                    allow_pickle: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Convert a diffusers pipeline folder (or one UNet/VAE/text-encoder folder) into Flax checkpoints.
 
     Each model folder of `dst` gets ``config.json`` + ``flax_model.msgpack`` (msgpack: one self-contained
     file per model, the former diffusers Flax format, readable with flax alone; orbax is kept for training
-    checkpoints). Tokenizers, scheduler and model_index.json are copied. With `delta`, the PeRFlow ΔW is
-    merged into the UNet first. The result is built in a temp folder and renamed into place, so `dst` is
-    never half-written. Returns ``{"components": [...], "seconds": ...}``.
+    checkpoints). Tokenizers, scheduler and model_index.json are copied. `unet_transform` maps the UNet's
+    params before they are written, e.g. ``perflow_jax.delta.merger(path)`` merges a PeRFlow ΔW. The result
+    is built in a temp folder and renamed into place, so `dst` is never half-written.
+    Returns ``{"components": [...], "seconds": ...}``.
     """
-    import shutil
-    import time
-
-    from tqdm.auto import tqdm
-
-    from perflow_jax.io import atomic_dir
-    from perflow_jax.models.convert import FLAX_WEIGHTS, save_flax_checkpoint
-
     t0 = time.perf_counter()
     root = resolve_model_path(src)
     dst = os.path.abspath(os.fspath(dst))
@@ -173,25 +171,23 @@ def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: An
     is_pipeline = os.path.isfile(os.path.join(root, "model_index.json"))
     if is_pipeline:
         index = read_model_index(root)
-        models = [n for n in _COMPONENT_LOADERS if n in index and os.path.isdir(os.path.join(root, n))]
+        models = [n for n in _MODEL_LOADERS if n in index and os.path.isdir(os.path.join(root, n))]
         copies = [n for n in ("tokenizer", "tokenizer_2", "scheduler") if os.path.isdir(os.path.join(root, n))]
     else:
         models, copies = [""], []
-    if delta is not None and not (("unet" in models) or (not is_pipeline and _component_kind(root) == "unet")):
-        raise ValueError("delta= merges a PeRFlow ΔW into a UNet, but the source has no UNet.")
+    if unet_transform is not None and not ("unet" in models or (not is_pipeline and _component_kind(root) == "unet")):
+        raise ValueError(f"{root!r} has no UNet to merge the ΔW into; pass a pipeline or UNet folder.")
 
     with atomic_dir(dst, overwrite=overwrite) as tmp:
         for name in tqdm(models, desc="converting", disable=not progress):
             folder = os.path.join(root, name) if name else root
             kind = name or _component_kind(folder)
-            _, params = _COMPONENT_LOADERS[kind](folder, dtype, variant, allow_pickle)
-            if kind == "unet" and delta is not None:
-                from perflow_jax import delta as delta_lib
-
-                params = delta_lib.merge(params, delta_lib.load_delta(delta, params))
+            _, params = _load_model(kind, folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle)
+            if kind == "unet" and unet_transform is not None:
+                params = unet_transform(params)
             out = os.path.join(tmp, name)
             os.makedirs(out, exist_ok=True)
-            shutil.copy2(os.path.join(folder, "config.json"), os.path.join(out, "config.json"))
+            shutil.copy2(os.path.join(folder, CONFIG_NAME), os.path.join(out, CONFIG_NAME))
             save_flax_checkpoint(params, os.path.join(out, FLAX_WEIGHTS))
         for name in copies:
             shutil.copytree(os.path.join(root, name), os.path.join(tmp, name))

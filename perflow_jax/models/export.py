@@ -12,32 +12,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
+from safetensors.numpy import save_file
 
 from perflow_jax.delta import torch_unet_state_dict
 from perflow_jax.io import atomic_dir
 from perflow_jax.models.components import PipelineComponents
-from perflow_jax.models.convert import FLAX_WEIGHTS, save_flax_checkpoint, torch_state_dict
-from perflow_jax.models.layers import rename_torch_attention
+from perflow_jax.models.convert import torch_state_dict
+from perflow_jax.models.keymap import flax_attention_to_torch, rename_torch_attention
+from perflow_jax.models.weights_io import FLAX_WEIGHTS, save_flax_checkpoint
 
 __all__ = ["save_pipeline", "torch_state_dict", "vae_torch_state_dict"]
 
-_VAE_ATTENTION_TO_TORCH = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_VAE_ATTENTION = re.compile(r"\.(query|key|value|proj_attn)\.")
 # model_index entries that this writer produces
 _WRITTEN = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
 def vae_torch_state_dict(params: Mapping, dtype: Any = None) -> dict[str, np.ndarray]:
     """Flax VAE params → diffusers ``AutoencoderKL`` state dict (mid attention as ``to_q``/.../``to_out.0``)."""
-    return torch_state_dict(params, key=lambda k: _VAE_ATTENTION.sub(
-        lambda m: f".{_VAE_ATTENTION_TO_TORCH[m.group(1)]}.", k), rename=rename_torch_attention, dtype=dtype,
-        what="AutoencoderKL")
+    return torch_state_dict(params, key=flax_attention_to_torch, rename=rename_torch_attention, dtype=dtype,
+                            what="AutoencoderKL")
 
 
 def _clip_config(config: Any, projection: bool) -> dict[str, Any]:
@@ -79,8 +77,6 @@ def _write_model(folder: str, config: dict[str, Any], params: Mapping, to_torch:
     os.makedirs(folder)
     _write_json(config, os.path.join(folder, "config.json"))
     if to == "diffusers":
-        from safetensors.numpy import save_file
-
         save_file(to_torch(params, dtype=dtype), os.path.join(folder, weights), metadata={"format": "pt"})
     else:
         if dtype is not None:

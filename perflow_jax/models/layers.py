@@ -7,13 +7,12 @@ close to the float32 reference.
 Parameter names follow the former diffusers Flax classes (``norm1``, ``conv1``, ``time_emb_proj``,
 ``conv_shortcut``, ``conv``; attention ``to_q``/``to_k``/``to_v``/``to_out_0`` as in the Flax UNet, or
 ``query``/``key``/``value``/``proj_attn`` as in the Flax VAE), so that
-:func:`perflow_jax.models.convert.torch_to_flax` maps PyTorch checkpoints onto them generically; the VAE
-naming needs :func:`rename_torch_attention`.
+:mod:`perflow_jax.models.keymap` maps PyTorch checkpoints onto them generically; the VAE naming needs
+:func:`perflow_jax.models.keymap.rename_torch_attention`.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -37,7 +36,6 @@ __all__ = [
     "attention",
     "conv2d",
     "group_norm",
-    "rename_torch_attention",
     "uses_im2col_on_cpu",
 ]
 
@@ -306,8 +304,8 @@ class Attention(nn.Module):
     Self-attention when ``context`` is None, else cross-attention on ``context`` ``(B, Lk, C_ctx)``.
     ``param_names`` names the q, k, v and output Dense layers: :data:`UNET_ATTENTION_NAMES` (default; the same
     normalised names as PyTorch's ``to_q``/``to_k``/``to_v``/``to_out.0``) or :data:`VAE_ATTENTION_NAMES`
-    (load with :func:`rename_torch_attention`). ``qkv_bias``: False in the UNet's transformer blocks, True in
-    the VAE. Norms and residuals are left to the caller.
+    (load with :func:`perflow_jax.models.keymap.rename_torch_attention`). ``qkv_bias``: False in the UNet's
+    transformer blocks, True in the VAE. Norms and residuals are left to the caller.
     """
 
     heads: int
@@ -332,16 +330,3 @@ class Attention(nn.Module):
         o = attention(q, k, v, implementation=self.implementation, chunk_size=self.chunk_size)
         o = o.reshape(*o.shape[:-2], inner)
         return nn.Dense(x.shape[-1], dtype=self.dtype, name=no)(o)
-
-
-_TORCH_ATTN = re.compile(r"\.(to_q|to_k|to_v|to_out\.0)\.")
-_ATTN_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-
-
-def rename_torch_attention(key: str) -> str:
-    """PyTorch attention key → :data:`VAE_ATTENTION_NAMES`: ``...to_q.weight`` → ``...query.weight`` (and
-    ``to_k``→``key``, ``to_v``→``value``, ``to_out.0``→``proj_attn``).
-
-    Pass as ``torch_to_flax(rename=rename_torch_attention)``.
-    """
-    return _TORCH_ATTN.sub(lambda m: f".{_ATTN_NAMES[m.group(1)]}.", key)

@@ -28,30 +28,24 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax.hub import resolve_model_path
-from perflow_jax.models.clip import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    read_config_json,
-    rename_clip_torch_key,
-)
+from perflow_jax.models.clip import CLIPTextConfig, clip_param_shapes, rename_clip_torch_key
 from perflow_jax.models.components import PipelineComponents, load_tokenizer, read_model_index
-from perflow_jax.models.convert import ConversionError, read_safetensors, torch_to_flax
-from perflow_jax.models.layers import rename_torch_attention
+from perflow_jax.models.config_io import read_config_json
+from perflow_jax.models.convert import torch_to_flax
+from perflow_jax.models.keymap import rename_torch_attention
+from perflow_jax.models.mismatch import ConversionError
 from perflow_jax.models.unet import UNetConfig, unet_param_shapes
-from perflow_jax.models.vae import AutoencoderKL, VAEConfig
+from perflow_jax.models.vae import VAEConfig, vae_param_shapes
+from perflow_jax.models.weights_io import read_safetensors
 
 __all__ = [
     "FAMILIES",
     "UNET_PREFIX",
     "VAE_PREFIX",
     "CheckpointParts",
-    "clip_param_shapes",
     "detect_family",
     "family_config",
     "load_single_file",
@@ -60,7 +54,6 @@ __all__ = [
     "split_checkpoint",
     "unet_ldm_table",
     "vae_ldm_table",
-    "vae_param_shapes",
 ]
 
 FAMILIES = ("sd15", "sd21", "sdxl")
@@ -332,20 +325,6 @@ def _config(family: str, component: str, base: str | None, overrides: Mapping[st
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------
-
-
-def vae_param_shapes(config: VAEConfig) -> dict:
-    """The VAE params tree as ``ShapeDtypeStruct`` leaves."""
-    size = 2 * config.downscale_factor
-    images = jax.ShapeDtypeStruct((1, config.in_channels, size, size), jnp.float32)
-    return jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), images)["params"]
-
-
-def clip_param_shapes(config: CLIPTextConfig, projection: bool) -> dict:
-    """The text encoder params tree (``CLIPTextModel`` or, with `projection`, ``...WithProjection``)."""
-    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-    ids = jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
 
 
 def _clip_params(weights: dict[str, np.ndarray], layout: str, config: CLIPTextConfig, projection: bool,

@@ -12,7 +12,6 @@ sinusoidal timestep frequencies computed in PyTorch's order.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import warnings
@@ -25,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax.models.convert import read_weights, weights_to_params
+from perflow_jax.models.config_io import read_config_json
+from perflow_jax.models.convert import load_params
 from perflow_jax.models.layers import (
     Attention,
     AttentionImpl,
@@ -133,9 +133,8 @@ class UNetConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> UNetConfig:
-        """Read a diffusers ``config.json``."""
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """Read a diffusers ``config.json`` (or the folder holding it)."""
+        return cls.from_dict(read_config_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -625,7 +624,7 @@ def load_unet(folder: str | os.PathLike, dtype: Dtype | None = None, variant: st
       ValueError: unsupported config; ``ConversionError`` (a ValueError) when the weights do not match it.
     """
     folder = os.fspath(folder)
-    config = UNetConfig.from_json(os.path.join(folder, "config.json"))
-    kind, weights = read_weights(folder, "diffusion_pytorch_model", variant, allow_pickle)
-    params = weights_to_params(kind, weights, unet_param_shapes(config), dtype=dtype, what="UNet")
+    config = UNetConfig.from_json(folder)
+    params = load_params(folder, "diffusion_pytorch_model", unet_param_shapes(config), variant=variant,
+                         allow_pickle=allow_pickle, dtype=dtype, what="UNet")
     return config, params

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax.models.clip import read_config_json
-from perflow_jax.models.convert import read_weights, weights_to_params
+from perflow_jax.models.config_io import read_config_json
+from perflow_jax.models.convert import load_params
+from perflow_jax.models.keymap import rename_torch_attention
 from perflow_jax.models.layers import (
     VAE_ATTENTION_NAMES,
     Attention,
@@ -32,7 +33,6 @@ from perflow_jax.models.layers import (
     ResnetBlock2D,
     Upsample2D,
     conv2d,
-    rename_torch_attention,
 )
 
 VAE_EPS = 1e-6  # every GroupNorm in the VAE
@@ -263,6 +263,13 @@ class AutoencoderKL(nn.Module):
         return _to_nchw(self.decoder(z))
 
 
+def vae_param_shapes(config: VAEConfig) -> dict:
+    """The params tree as ``jax.ShapeDtypeStruct`` leaves (float32), without allocating anything."""
+    size = 2 * config.downscale_factor
+    images = jax.ShapeDtypeStruct((1, config.in_channels, size, size), jnp.float32)
+    return jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), images)["params"]
+
+
 def load_vae(folder: str | os.PathLike, dtype: Any = None, variant: str | None = None,
              allow_pickle: bool = False) -> tuple[VAEConfig, dict]:
     """Read ``config.json`` and ``diffusion_pytorch_model[.variant].safetensors`` (or a converted
@@ -273,12 +280,8 @@ def load_vae(folder: str | os.PathLike, dtype: Any = None, variant: str | None =
     """
     folder = os.fspath(folder)
     config = VAEConfig.from_json(folder)
-    kind, weights = read_weights(folder, "diffusion_pytorch_model", variant, allow_pickle)
-    size = 2 * config.downscale_factor
-    images = jax.ShapeDtypeStruct((1, config.in_channels, size, size), jnp.float32)
-    target = jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), images)["params"]
-    params = weights_to_params(kind, weights, target, rename=rename_torch_attention, dtype=dtype,
-                               what="AutoencoderKL")
+    params = load_params(folder, "diffusion_pytorch_model", vae_param_shapes(config), variant=variant,
+                         allow_pickle=allow_pickle, rename=rename_torch_attention, dtype=dtype, what="AutoencoderKL")
     return config, jax.tree_util.tree_map(jnp.asarray, params)
 
 

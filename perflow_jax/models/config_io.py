@@ -1,0 +1,34 @@
+"""Reading model configs: every model (UNet, VAE, CLIP text encoder) reads its ``config.json`` through
+:func:`read_config_json`, so a missing or broken file gives the same clear error everywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+__all__ = ["CONFIG_NAME", "read_config_json", "read_json"]
+
+CONFIG_NAME = "config.json"
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a JSON object from `path`; a missing file or invalid JSON raises an error naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+
+
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a model's ``config.json`` given the file or the folder holding it."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No model config at {path!r}: expected a {CONFIG_NAME}.")
+    return read_json(path)
