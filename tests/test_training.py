@@ -1,5 +1,6 @@
-"""PeRFlow training: the window solver against a float64 NumPy oracle, targets against the scheduler, the
-training loop (loss goes down, bit-identical resume, 4-device data parallel = 1 device) and config errors."""
+"""PeRFlow training: the window solver against a float64 NumPy oracle and against sampling.guided, targets
+against the scheduler, the student fn against the model adapter, the training loop (loss goes down,
+bit-identical resume, 4-device data parallel = 1 device) and config errors."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perflow_jax.models.unet import UNetConfig, init_unet_params
+from perflow_jax import sampling
+from perflow_jax.models.adapter import UNetCondition, unet_apply
+from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig, init_unet_params
 from perflow_jax.schedulers import common
 from perflow_jax.schedulers import perflow as pf
 from perflow_jax.training import reflow, solver
@@ -94,6 +97,44 @@ def test_solver_set_alpha_to_one_and_validation():
     np.testing.assert_allclose(np.asarray(out), 1 / np.sqrt(ac[999]), rtol=1e-5)
 
 
+def test_solver_guidance_is_sampling_guided():
+    # Per-sample windows give per-sample (B,) timesteps at every step; the scale is per sample too.
+    cfg = solver.SolverConfig(num_steps=3, num_windows=4)
+    starts = jnp.asarray([1.0, 0.75, 0.5, 0.25])
+    ends = jnp.asarray([0.75, 0.5, 0.25, 0.0])
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 1, 4, 4)), jnp.float32)
+    cond, uncond = jnp.linspace(-1, 1, 4), jnp.zeros(4)
+    w = jnp.asarray([1.0, 2.0, 4.5, 7.5])
+    got = jax.jit(lambda: solver.solve(cfg, _toy_teacher, x, starts, ends, cond, uncond=uncond, guidance_scale=w))()
+    by_hand = jax.jit(lambda: solver.solve(cfg, sampling.guided(_toy_teacher, uncond, w), x, starts, ends, cond))()
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(by_hand))
+    # guided itself: u + w·(c − u) from separate calls, with per-sample timesteps.
+    t = jnp.asarray([999, 700, 420, 10])
+    u, c = _toy_teacher(x, t, uncond), _toy_teacher(x, t, cond)
+    np.testing.assert_allclose(np.asarray(sampling.guided(_toy_teacher, uncond, w)(x, t, cond)),
+                               np.asarray(u + w[:, None, None, None] * (c - u)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_update_equals_explicit_formula(prediction_type):
+    """ddim_update (built on schedulers.common.predict_x0/predict_epsilon) is the DDIM formula bit for bit."""
+    rng = np.random.default_rng(4)
+    x, out = (jnp.asarray(rng.standard_normal((3, 1, 4, 4)), jnp.float32) for _ in range(2))
+    a, a_prev = jnp.asarray([0.05, 0.4, 0.9]), jnp.asarray([0.3, 0.7, 0.9991])
+    got = jax.jit(solver.ddim_update, static_argnums=0)(prediction_type, out, x, a, a_prev)
+
+    @jax.jit
+    def explicit(out, x, a, a_prev):
+        a, a_prev = a[:, None, None, None], a_prev[:, None, None, None]
+        if prediction_type == "epsilon":
+            x0, eps = (x - jnp.sqrt(1 - a) * out) / jnp.sqrt(a), out
+        else:
+            x0, eps = jnp.sqrt(a) * x - jnp.sqrt(1 - a) * out, jnp.sqrt(a) * out + jnp.sqrt(1 - a) * x
+        return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev) * eps
+
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(explicit(out, x, a, a_prev)))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Targets: training and sampling agree
 # ----------------------------------------------------------------------------------------------------------
@@ -111,7 +152,7 @@ def test_targets_land_on_window_end(prediction_type):
     # One scheduler step per window starts exactly at t_s and moves to t_e.
     state = pf.set_timesteps(cfg, 4)
     for i in range(4):
-        out = pf.step(cfg, state, target[i:i + 1], i, jnp.asarray(x_s[i:i + 1]))
+        out, _ = pf.step(cfg, state, target[i:i + 1], i, jnp.asarray(x_s[i:i + 1]))
         np.testing.assert_allclose(np.asarray(out)[0], x_e[i], rtol=1e-4, atol=1e-4)
     # Mid-window: the velocity from the same target at x_t on the line also ends at x_e.
     t = jnp.asarray([0.9, 0.6, 0.3, 0.1])
@@ -166,6 +207,44 @@ def _tiny_setup(tmp_path, name, *overrides):
     return cfg, ds, teacher
 
 
+def test_student_fn_is_unet_apply():
+    params = init_unet_params(TINY, jax.random.key(1))
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((3, 1, 8, 8)), jnp.float32)
+    t = jnp.asarray([999.0, 420.5, 3.0])
+    labels = jnp.asarray([1, 7, 10], jnp.int32)
+    ctx = jnp.asarray(rng.standard_normal((3, 2, TINY.cross_attention_dim)), jnp.float32)
+    module = UNet2DConditionModel(TINY)
+    student = train_lib.make_apply_fn(TINY, jnp.float32)
+    for cond in (UNetCondition(class_labels=labels), UNetCondition(encoder_hidden_states=ctx, class_labels=labels)):
+        got = student(params, x, t, cond)
+        assert got.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(unet_apply(module, params, x, t, cond)))
+    # No text: one zero token, as the trainer's own condition handling did before the adapter.
+    zero_token = module.apply({"params": params}, x, t, jnp.zeros((3, 1, TINY.encoder_dim)), class_labels=labels)
+    np.testing.assert_array_equal(np.asarray(student(params, x, t, UNetCondition(class_labels=labels))),
+                                  np.asarray(zero_token))
+
+
+def test_array_dataset_conditions():
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    ds = train_lib.ArrayDataset(x, {"class_labels": np.arange(4)}, {"class_labels": np.int32(10)})
+    assert isinstance(ds.cond, UNetCondition) and isinstance(ds.null_cond, UNetCondition)
+    xs, cond = ds.rows(np.asarray([[3, 1], [0, 2]]))
+    assert xs.shape == (2, 2, 1, 8, 8)
+    np.testing.assert_array_equal(cond.class_labels, [[3, 1], [0, 2]])
+    assert cond.encoder_hidden_states is None
+    with pytest.raises(ValueError, match="no null value"):
+        train_lib.ArrayDataset(x, UNetCondition(class_labels=np.arange(4)), UNetCondition())
+    with pytest.raises(ValueError, match="but cond does not"):
+        train_lib.ArrayDataset(x, UNetCondition(class_labels=np.arange(4)),
+                               UNetCondition(class_labels=np.int32(10), time_ids=np.zeros(6)))
+    with pytest.raises(ValueError, match="rows for 4 samples"):
+        train_lib.ArrayDataset(x, UNetCondition(class_labels=np.arange(3)), UNetCondition(class_labels=np.int32(10)))
+    with pytest.raises(ValueError, match="Unknown UNet condition keys"):
+        train_lib.ArrayDataset(x, {"labels": np.arange(4)}, {"labels": np.int32(10)})
+
+
 def test_training_lowers_loss(tmp_path):
     cfg, ds, teacher = _tiny_setup(tmp_path, "run", "train.steps=40", "train.checkpoint_every=100",
                                    "train.learning_rate=1e-2", "train.grad_clip=100.0", "train.ema_decay=0.0")
@@ -174,8 +253,8 @@ def test_training_lowers_loss(tmp_path):
     rcfg = train_lib.reflow_config(cfg)
     apply = train_lib.make_apply_fn(TINY, jnp.float32)
     batch = reflow.make_batch(rcfg, lambda x, t, c: apply(teacher, x, t, c), jnp.asarray(ds.x),
-                              {"class_labels": jnp.asarray(ds.cond["class_labels"])},
-                              {"class_labels": jnp.int32(10)}, jax.random.key(123))
+                              UNetCondition(class_labels=jnp.asarray(ds.cond.class_labels)),
+                              UNetCondition(class_labels=jnp.int32(10)), jax.random.key(123))
     before = float(reflow.loss(rcfg, apply, teacher, batch))
     after = float(reflow.loss(rcfg, apply, res["params"], batch))
     assert after < 0.7 * before, (before, after)

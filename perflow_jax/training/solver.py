@@ -10,16 +10,16 @@ steps on the reference solver's time grid (magic-research/piecewise-rectified-fl
 * deterministic DDIM update x_prev = √ᾱ_prev·x̂₀ + √(1 − ᾱ_prev)·ε̂ with no clipping.
 
 Every sample carries its own window (t_s, t_e are (B,) arrays), so one batch mixes windows with no Python
-loop over samples. The teacher is any ``teacher_fn(x, timesteps (B,), cond) -> output`` with ``cond`` an
-arbitrary pytree batched like ``x`` (text embeddings, SDXL pooled embeds + time ids, class labels);
-:func:`unet_teacher_fn` builds one from a Flax UNet.
+loop over samples. The teacher is any ``teacher_fn(x, timesteps (B,), cond) -> output`` with ``cond`` a
+pytree batched like ``x``; for a Flax UNet that is :func:`perflow_jax.models.adapter.unet_fn` with a
+:class:`~perflow_jax.models.adapter.UNetCondition`. Classifier-free guidance is
+:func:`perflow_jax.sampling.guided`, the same combiner the samplers use.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import chex
@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perflow_jax import sampling
 from perflow_jax.schedulers import common
 
-TeacherFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+TeacherFn = sampling.ModelFn  # (x, timesteps (B,), cond) -> output
 TEACHER_PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -56,10 +57,7 @@ class SolverConfig:
     trained_betas: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
-            object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
-        common.check_beta_config(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule,
-                                 self.trained_betas)
+        common.check_vp_schedule(self)
         common.check_choice("prediction_type", self.prediction_type, TEACHER_PREDICTION_TYPES)
         common.check_positive_int("num_steps", self.num_steps)
         common.check_positive_int("num_windows", self.num_windows)
@@ -97,29 +95,17 @@ def solver_timesteps(config: SolverConfig, t_start: jax.Array, t_end: jax.Array)
 
 def ddim_update(prediction_type: str, output: jax.Array, x: jax.Array, alpha_prod: jax.Array,
                 alpha_prod_prev: jax.Array) -> jax.Array:
-    """Deterministic DDIM x_t → x_prev from an ε or v output (per-sample ᾱ broadcast over x; float32)."""
+    """Deterministic DDIM x_t → x_prev from an ε or v output (per-sample ᾱ broadcast over x; float32).
+
+    x̂₀ and ε̂ come from :func:`perflow_jax.schedulers.common.predict_x0` / ``predict_epsilon`` in the VP form
+    α = √ᾱ, σ = √(1 − ᾱ); then x_prev = √ᾱ_prev·x̂₀ + √(1 − ᾱ_prev)·ε̂.
+    """
     a = common.broadcast_to_sample(alpha_prod, x)
     a_prev = common.broadcast_to_sample(alpha_prod_prev, x)
-    if prediction_type == "epsilon":
-        x0 = (x - jnp.sqrt(1 - a) * output) / jnp.sqrt(a)
-        eps = output
-    else:  # v_prediction
-        x0 = jnp.sqrt(a) * x - jnp.sqrt(1 - a) * output
-        eps = jnp.sqrt(a) * output + jnp.sqrt(1 - a) * x
+    alpha, sigma = jnp.sqrt(a), jnp.sqrt(1 - a)
+    x0 = common.predict_x0(prediction_type, output, x, alpha, sigma)
+    eps = common.predict_epsilon(prediction_type, output, x, alpha, sigma)
     return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev) * eps
-
-
-def guided(teacher_fn: TeacherFn, uncond: Any, guidance_scale: jax.typing.ArrayLike) -> TeacherFn:
-    """A teacher making one batched call on [uncond; cond] and returning u + w·(c − u) (float32)."""
-    scale = jnp.asarray(guidance_scale, jnp.float32)
-
-    def fn(x: jax.Array, timesteps: jax.Array, cond: Any) -> jax.Array:
-        both = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
-        out = teacher_fn(jnp.concatenate([x, x], 0), jnp.concatenate([timesteps, timesteps], 0), both)
-        out_u, out_c = jnp.split(out.astype(jnp.float32), 2, axis=0)
-        return out_u + common.broadcast_to_sample(scale, out_u) * (out_c - out_u)
-
-    return fn
 
 
 def solve(config: SolverConfig, teacher_fn: TeacherFn, x: jax.Array, t_start: jax.Array, t_end: jax.Array,
@@ -132,8 +118,9 @@ def solve(config: SolverConfig, teacher_fn: TeacherFn, x: jax.Array, t_start: ja
       x: (B, ...) samples at their window starts.
       t_start, t_end: (B,) window bounds in [0, 1], t_start > t_end.
       cond: the condition pytree (leaves batched like x).
-      uncond: the null condition; when given, the teacher runs with classifier-free guidance (one batched
-        call on [uncond; cond] per step). Without it no guidance is applied (the reference's guidance 1).
+      uncond: the null condition; when given, the teacher runs with classifier-free guidance
+        (:func:`perflow_jax.sampling.guided`: one batched call on [uncond; cond] per step). Without it no
+        guidance is applied (the reference's guidance 1).
       guidance_scale: scalar or (B,) (traced).
 
     Returns:
@@ -142,11 +129,12 @@ def solve(config: SolverConfig, teacher_fn: TeacherFn, x: jax.Array, t_start: ja
     b = x.shape[0]
     chex.assert_shape([t_start, t_end], [(b,), (b,)])
     if uncond is not None:
-        teacher_fn = guided(teacher_fn, uncond, guidance_scale)
+        teacher_fn = sampling.guided(teacher_fn, uncond, guidance_scale)
     ac_np, final = _tables(config)
     ac = jnp.asarray(ac_np)
     timesteps = solver_timesteps(config, t_start, t_end)
     stride = config.num_train_timesteps // (config.num_windows * config.num_steps)
+    x_dtype = x.dtype
 
     def body(i: jax.Array, x: jax.Array) -> jax.Array:
         t = timesteps[:, i]
@@ -156,33 +144,4 @@ def solve(config: SolverConfig, teacher_fn: TeacherFn, x: jax.Array, t_start: ja
         out = teacher_fn(x.astype(x_dtype), t, cond).astype(jnp.float32)
         return ddim_update(config.prediction_type, out, x, a, a_prev)
 
-    x_dtype = x.dtype
     return jax.lax.fori_loop(0, config.num_steps, body, x.astype(jnp.float32))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# UNet teachers
-# ----------------------------------------------------------------------------------------------------------
-
-
-def unet_teacher_fn(module: Any, params: Any) -> TeacherFn:
-    """A ``teacher_fn`` over a Flax :class:`UNet2DConditionModel` and frozen params.
-
-    ``cond`` is a mapping with ``encoder_hidden_states`` (B, L, D) and optionally ``added_cond_kwargs``
-    (SDXL: ``{"text_embeds": (B, P), "time_ids": (B, 6)}``) and ``class_labels`` (B,).
-    """
-    params = jax.lax.stop_gradient(params)
-
-    def fn(x: jax.Array, timesteps: jax.Array, cond: Mapping[str, Any]) -> jax.Array:
-        return module.apply({"params": params}, x, timesteps, cond["encoder_hidden_states"],
-                            added_cond_kwargs=cond.get("added_cond_kwargs"), class_labels=cond.get("class_labels"))
-
-    return fn
-
-
-def sdxl_time_ids(batch: int, resolution: int | tuple[int, int], crop_top_left: tuple[int, int] = (0, 0)
-                  ) -> jax.Array:
-    """SDXL's added time ids (original size, crop top-left, target size) per sample, (B, 6) float32."""
-    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
-    ids = jnp.asarray([h, w, *crop_top_left, h, w], jnp.float32)
-    return jnp.broadcast_to(ids, (batch, 6))

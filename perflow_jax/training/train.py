@@ -5,8 +5,10 @@
 The config is YAML (see ``configs/``) with ``key=value`` overrides using dotted keys; unknown keys and bad
 values raise ValueError. The loop is deterministic and resumable: the data order and every PRNG key are
 functions of (seed, step) only, so a run resumed from a checkpoint continues bit-identically. The batch is
-sharded over a ("data",) mesh of every device on every host; params are replicated (or, with
-``train.sharding=fsdp``, split along one axis over the same mesh). Output: ``delta_weights.safetensors``
+sharded over :func:`perflow_jax.sharding.data_mesh` (every device on every host); params are replicated (or,
+with ``train.sharding=fsdp``, split along one axis over the same mesh). Teacher and student are the same
+UNet called through :func:`perflow_jax.models.adapter.unet_apply`, conditioned on a
+:class:`~perflow_jax.models.adapter.UNetCondition`. Output: ``delta_weights.safetensors``
 (ΔW = student − teacher in PyTorch layout, diffusers key names) and ``scheduler_config.json``.
 """
 
@@ -24,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import yaml
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from perflow_jax import delta as delta_lib
+from perflow_jax import sharding
 from perflow_jax.io import atomic_file
+from perflow_jax.models.adapter import UNetCondition, unet_apply
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
 from perflow_jax.schedulers import perflow as pf
 from perflow_jax.training import reflow
@@ -175,26 +177,39 @@ def reflow_config(cfg: dict[str, Any]) -> reflow.ReflowConfig:
 class ArrayDataset:
     """An in-memory dataset: samples x (N, C, H, W) (pixels or latents), conditions per sample, null condition.
 
-    ``cond`` maps UNet condition names (``encoder_hidden_states``, ``class_labels``, ``text_embeds``,
-    ``time_ids``) to (N, ...) arrays; ``null_cond`` holds the same names with one unbatched null value each.
+    ``cond`` is a :class:`UNetCondition` of (N, ...) host arrays (``encoder_hidden_states``, ``text_embeds``,
+    ``time_ids``, ``class_labels``; absent parts None); ``null_cond`` holds one unbatched null value for each
+    part ``cond`` has. A mapping with those names is accepted for either and converted here, the one place
+    where dataset conditions become a :class:`UNetCondition`.
     """
 
     x: np.ndarray
-    cond: Mapping[str, np.ndarray]
-    null_cond: Mapping[str, np.ndarray]
+    cond: UNetCondition
+    null_cond: UNetCondition
 
     def __post_init__(self) -> None:
         if np.ndim(self.x) != 4:
             raise ValueError(f"Dataset x must be (N, C, H, W), got shape {np.shape(self.x)}.")
+        cond, null = UNetCondition.from_mapping(self.cond), UNetCondition.from_mapping(self.null_cond)
+        object.__setattr__(self, "cond", cond)
+        object.__setattr__(self, "null_cond", null)
         n = len(self.x)
-        for k, v in self.cond.items():
+        for k, v, nv in zip(UNetCondition._fields, cond, null, strict=True):
+            if v is None:
+                if nv is not None:
+                    raise ValueError(f"null_cond has {k!r} but cond does not; give both or neither.")
+                continue
             if len(v) != n:
                 raise ValueError(f"Condition {k!r} has {len(v)} rows for {n} samples.")
-            if k not in self.null_cond:
+            if nv is None:
                 raise ValueError(f"Condition {k!r} has no null value in null_cond (needed for CFG dropout).")
 
     def __len__(self) -> int:
         return len(self.x)
+
+    def rows(self, idx: np.ndarray) -> tuple[np.ndarray, UNetCondition]:
+        """Samples and their conditions at integer indices `idx` of any shape (e.g. (A, B) micro-batches)."""
+        return self.x[idx], jax.tree_util.tree_map(lambda v: v[idx], self.cond)
 
 
 def load_image_folder(path: str, image_size: int | None = None, channels: int = 1) -> tuple[np.ndarray, list[str]]:
@@ -228,7 +243,7 @@ def load_dataset(cfg: dict[str, Any], encode_fn: Callable[[np.ndarray, list[str]
         from perflow_jax.pipelines import digits
 
         x, y = digits.load_digits_data("train")
-        return ArrayDataset(x, {"class_labels": y}, {"class_labels": np.int32(digits.NULL_CLASS)})
+        return ArrayDataset(x, UNetCondition(class_labels=y), UNetCondition(class_labels=np.int32(digits.NULL_CLASS)))
     if d["kind"] == "npz":
         z = np.load(d["path"])
         cond = {k[5:]: z[k] for k in z.files if k.startswith("cond/")}
@@ -244,7 +259,8 @@ def load_dataset(cfg: dict[str, Any], encode_fn: Callable[[np.ndarray, list[str]
                          "without one, captions must be integer class labels.") from e
     from perflow_jax.pipelines import digits
 
-    return ArrayDataset(images, {"class_labels": labels}, {"class_labels": np.int32(digits.NULL_CLASS)})
+    return ArrayDataset(images, UNetCondition(class_labels=labels),
+                        UNetCondition(class_labels=np.int32(digits.NULL_CLASS)))
 
 
 def batch_indices(n: int, seed: int, step: int, batch: int) -> np.ndarray:
@@ -273,20 +289,12 @@ def unet_config(cfg: dict[str, Any]) -> UNetConfig:
 
 
 def make_apply_fn(config: UNetConfig, dtype: Any) -> reflow.StudentFn:
-    """``(params, x, timesteps, cond) -> output`` over a UNet; ``cond`` is a dict of UNet condition arrays
-    (a missing ``encoder_hidden_states`` becomes one zero token, as in the digits model)."""
+    """The student (and teacher) function ``(params, x, timesteps, cond) -> output`` (float32) over a UNet
+    in `dtype`: :func:`~perflow_jax.models.adapter.unet_apply` with the params as an argument."""
     module = UNet2DConditionModel(config, dtype=dtype)
 
-    def apply(params: Any, x: jax.Array, timesteps: jax.Array, cond: Mapping[str, jax.Array]) -> jax.Array:
-        b = x.shape[0]
-        ctx = cond.get("encoder_hidden_states")
-        if ctx is None:
-            ctx = jnp.zeros((b, 1, config.encoder_dim), jnp.float32)
-        added = None
-        if "text_embeds" in cond:
-            added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        return module.apply({"params": params}, x, timesteps, ctx, added_cond_kwargs=added,
-                            class_labels=cond.get("class_labels")).astype(jnp.float32)
+    def apply(params: Any, x: jax.Array, timesteps: jax.Array, cond: UNetCondition) -> jax.Array:
+        return unet_apply(module, params, x, timesteps, cond)
 
     return apply
 
@@ -363,45 +371,6 @@ def make_train_step(rcfg: reflow.ReflowConfig, apply_fn: reflow.StudentFn, tx: o
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sharding
-# ----------------------------------------------------------------------------------------------------------
-
-
-def make_mesh() -> Mesh:
-    """A 1-D ("data",) mesh over every device of every host."""
-    return Mesh(np.asarray(jax.devices()), ("data",))
-
-
-def param_sharding(mesh: Mesh, tree: Any, mode: str) -> Any:
-    """Replicated shardings, or (``fsdp``) each leaf split over "data" along its largest divisible axis."""
-    n = mesh.shape["data"]
-
-    def one(leaf: Any) -> NamedSharding:
-        shape = np.shape(leaf)
-        if mode == "fsdp" and n > 1:
-            axes = sorted((d for d in range(len(shape)) if shape[d] % n == 0 and shape[d] >= n),
-                          key=lambda d: -shape[d])
-            if axes:
-                spec = [None] * len(shape)
-                spec[axes[0]] = "data"
-                return NamedSharding(mesh, P(*spec))
-        return NamedSharding(mesh, P())
-
-    return jax.tree_util.tree_map(one, tree)
-
-
-def global_batch(mesh: Mesh, arrays: Any) -> Any:
-    """Host numpy arrays (A, B, ...) (identical on every host) → global jax arrays sharded over B."""
-    sharding = NamedSharding(mesh, P(None, "data"))
-
-    def put(a: np.ndarray) -> jax.Array:
-        a = np.asarray(a)
-        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
-
-    return jax.tree_util.tree_map(put, arrays)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------
 
@@ -432,23 +401,23 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
     teacher = teacher_params if teacher_params is not None else load_teacher_params(cfg, ucfg)
     teacher = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), teacher)
 
-    mesh = make_mesh()
-    n_dev = mesh.shape["data"]
+    mesh = sharding.data_mesh()
+    n_dev = sharding.num_data_shards(mesh)
     micro = t["batch_size"] // t["grad_accum"]
     if micro % n_dev:
         raise ValueError(f"The micro-batch (train.batch_size / train.grad_accum = {micro}) must be divisible by "
                          f"the {n_dev} devices.")
     tx = make_optimizer(t)
     state = init_state(teacher, tx, t["ema_decay"] > 0)
-    state_sh = param_sharding(mesh, state, t["sharding"])
-    teacher_sh = param_sharding(mesh, teacher, t["sharding"])
+    state_sh = sharding.param_sharding(mesh, state, t["sharding"])
+    teacher_sh = sharding.param_sharding(mesh, teacher, t["sharding"])
     teacher = jax.device_put(teacher, teacher_sh)
     state = jax.device_put(state, state_sh)
 
     key = jax.random.key(t["seed"])
     step_fn = make_train_step(rcfg, apply_fn, tx, t["ema_decay"], key)
-    batch_sh = NamedSharding(mesh, P(None, "data"))
-    null = jax.tree_util.tree_map(jnp.asarray, dict(dataset.null_cond))
+    batch_sh = sharding.batch_sharded(mesh, axis=1)  # (A micro-batches, B, ...): split B
+    null = jax.tree_util.tree_map(jnp.asarray, dataset.null_cond)
     jitted = jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, batch_sh, batch_sh, None),
                      out_shardings=(state_sh, None), donate_argnums=(0,))
 
@@ -472,8 +441,7 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
     last_loss = float("nan")
     for s in range(start, t["steps"]):
         idx = batch_indices(len(dataset), t["seed"], s, t["batch_size"]).reshape(t["grad_accum"], micro)
-        x = global_batch(mesh, dataset.x[idx])
-        cond = global_batch(mesh, {k: v[idx] for k, v in dataset.cond.items()})
+        x, cond = sharding.global_tree(dataset.rows(idx), batch_sh)
         state, loss = jitted(state, teacher, x, cond, null)
         pending.append(loss)
         done = s + 1
@@ -523,5 +491,5 @@ def train_from_config(config_path: str, overrides: list[str]) -> dict:
 
 
 __all__ = ["ArrayDataset", "DEFAULTS", "batch_indices", "init_state", "load_config", "load_dataset",
-           "make_apply_fn", "make_mesh", "make_optimizer", "make_train_step", "reflow_config", "train",
+           "make_apply_fn", "make_optimizer", "make_train_step", "reflow_config", "train",
            "train_from_config", "validate"]
