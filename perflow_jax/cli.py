@@ -3,8 +3,8 @@
 ``perflow-jax sample`` generates images with a diffusers-format SD/SDXL model or a single-file checkpoint
 (plus an optional PeRFlow ΔW and LoRAs) and writes PNGs and a grid; ``perflow-jax convert`` turns PyTorch
 weights into Flax checkpoints (or a merged model back into a diffusers folder); ``perflow-jax train`` runs
-PeRFlow reflow training from a YAML config. JAX's persistent compilation cache is on (``--no-cache`` or
-``PERFLOW_JAX_CACHE_DIR=off`` switches it off).
+PeRFlow reflow training from a YAML config. The CLI turns JAX's persistent compilation cache on
+(``--no-cache`` or ``PERFLOW_JAX_CACHE_DIR=off`` switches it off; ``bench`` manages its own).
 """
 
 from __future__ import annotations
@@ -149,8 +149,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(
         args.model, base=args.base, delta=args.delta, loras=args.lora, scheduler=args.scheduler or "perflow",
-        dtype=getattr(jnp, DTYPES[args.dtype]), variant=args.variant, decode_chunk_size=args.decode_chunk_size,
-        compilation_cache=not args.no_cache)
+        dtype=getattr(jnp, DTYPES[args.dtype]), variant=args.variant, decode_chunk_size=args.decode_chunk_size)
     print(f"loaded {args.model} ({pipe.family}, scheduler {pipe.scheduler.name}) in {time.perf_counter() - t0:.1f}s")
 
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
@@ -179,11 +178,13 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 def _cmd_convert(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
+    from perflow_jax import delta
     from perflow_jax.models.components import convert_to_flax
 
     dtype = getattr(jnp, DTYPES[args.dtype]) if args.dtype else None
     if args.to == "flax" and not args.lora and not os.path.isfile(args.src):
-        info = convert_to_flax(args.src, args.dst, dtype=dtype, delta=args.delta, variant=args.variant,
+        merge = delta.merger(args.delta) if args.delta else None
+        info = convert_to_flax(args.src, args.dst, dtype=dtype, unet_transform=merge, variant=args.variant,
                                overwrite=args.overwrite)
         print(f"converted {', '.join(info['components'])} to {args.dst} in {info['seconds']:.1f}s")
         return
@@ -229,9 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"] or argv[1:2] == ["bench"] and argv[:1] == ["--no-cache"]:
         return _run_bench(argv[argv.index("bench") + 1:])
     args = _build_parser().parse_args(argv)
-    from perflow_jax.compilation_cache import enable_compilation_cache
+    from perflow_jax import enable_compilation_cache
 
-    enable_compilation_cache(enable=not args.no_cache)
+    enable_compilation_cache(enable=not args.no_cache)  # the one place the CLI turns the persistent cache on
     try:
         {"sample": _cmd_sample, "convert": _cmd_convert, "train": _cmd_train}[args.command](args)
     except (CLIError, FileNotFoundError, FileExistsError, ValueError) as e:

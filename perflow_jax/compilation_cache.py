@@ -1,6 +1,7 @@
-"""JAX's persistent compilation cache, on by default for the CLI and pipelines.
+"""JAX's persistent compilation cache, turned on by an explicit call (the CLI, notebooks and tests make it).
 
-A second process with the same shapes then starts from cached executables instead of recompiling.
+With it, a second process with the same shapes starts from cached executables instead of recompiling. Nothing
+in perflow-jax turns it on as a side effect: building a pipeline leaves ``jax.config`` alone.
 ``PERFLOW_JAX_CACHE_DIR`` overrides the folder; setting it to ``off`` (or ``enable=False``) switches it off.
 """
 
@@ -14,7 +15,11 @@ _DEFAULT = os.path.join(os.path.expanduser("~"), ".cache", "perflow-jax", "jax-c
 
 
 def enable_compilation_cache(path: str | None = None, enable: bool = True) -> str | None:
-    """Turn on the persistent cache at `path` (default: env or a user cache folder); returns the folder."""
+    """Turn on the persistent cache at `path` (default: ``PERFLOW_JAX_CACHE_DIR`` or a user cache folder).
+
+    Sets ``jax_compilation_cache_dir`` and caches every program that takes ≥ 0.5 s to compile. Returns the
+    folder, or None when switched off (``enable=False`` or ``PERFLOW_JAX_CACHE_DIR=off`` without a `path`).
+    """
     env = os.environ.get("PERFLOW_JAX_CACHE_DIR")
     if not enable or (path is None and env is not None and env.lower() in ("off", "0", "none", "")):
         return None

@@ -37,7 +37,8 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture
 def kernel_env(tmp_path, monkeypatch) -> None:
     """A kernelspec for ``sys.executable`` under a temporary JUPYTER_PATH, and the environment the kernel
-    inherits: CPU JAX and the tests' persistent compilation cache."""
+    inherits: CPU JAX and, as ``PERFLOW_JAX_CACHE_DIR``, the tests' persistent compilation cache (which a
+    notebook's explicit ``perflow_jax.enable_compilation_cache()`` then uses)."""
     spec_dir = tmp_path / "jupyter" / "kernels" / KERNEL
     spec_dir.mkdir(parents=True)
     spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
@@ -79,12 +80,14 @@ def test_committed_notebook_has_no_outputs(name: str) -> None:
 
 
 def test_quickstart_runs_on_tiny_model(tiny_model: str, kernel_env, monkeypatch) -> None:
-    """The quickstart loads the model from ``PERFLOW_JAX_MODEL`` (here the tiny SD1-style model), generates
-    4 images in 4 PeRFlow steps and shows them; the second generation does not recompile; img2img runs.
-    The Colab install cell is skipped outside Colab."""
+    """The quickstart turns on the persistent compilation cache explicitly (the tests' folder, from
+    ``PERFLOW_JAX_CACHE_DIR``), loads the model from ``PERFLOW_JAX_MODEL`` (here the tiny SD1-style model),
+    generates 4 images in 4 PeRFlow steps and shows them; the second generation does not recompile; img2img
+    runs. The Colab install cell is skipped outside Colab."""
     monkeypatch.setenv("PERFLOW_JAX_MODEL", tiny_model)
     nb = _run("quickstart.ipynb")
     out = _stdout(nb)
+    assert f"compilation cache: {jax.config.jax_compilation_cache_dir or None}" in out
     assert f"model: {tiny_model}" in out
     assert "(4, 32, 32, 3) uint8" in out
     assert "recompiled: False" in out

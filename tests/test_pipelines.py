@@ -24,7 +24,7 @@ import torch
 from perflow_jax import delta as delta_lib
 from perflow_jax.models.components import load_pipeline_components
 from perflow_jax.models.convert import ConversionError
-from perflow_jax.pipelines.stable_diffusion import StableDiffusionPipeline
+from perflow_jax.pipelines.stable_diffusion import GenerationRequest, StableDiffusionPipeline, make_scheduler
 from tests.support.tiny_sd import make_tiny_pipeline
 from tests.support.torch_perflow import TorchPeRFlowScheduler
 
@@ -48,9 +48,7 @@ class TinyModel:
 
     def pipe(self, scheduler: str = "perflow") -> StableDiffusionPipeline:
         if scheduler not in self._pipes:
-            # compilation_cache=False: keep the persistent cache conftest.py configured.
-            self._pipes[scheduler] = StableDiffusionPipeline.from_pretrained(self.folder, scheduler=scheduler,
-                                                                             compilation_cache=False)
+            self._pipes[scheduler] = StableDiffusionPipeline.from_pretrained(self.folder, scheduler=scheduler)
         return self._pipes[scheduler]
 
 
@@ -279,9 +277,9 @@ def test_bad_call_raises_clear_error(tiny, case: str) -> None:
 def test_missing_model_raises(tmp_path) -> None:
     """A path that does not exist, and a folder that is not a diffusers pipeline, fail with what to do."""
     with pytest.raises(FileNotFoundError, match="neither an existing file or folder nor a Hugging Face repo id"):
-        StableDiffusionPipeline.from_pretrained(str(tmp_path / "no" / "such" / "model"), compilation_cache=False)
+        StableDiffusionPipeline.from_pretrained(str(tmp_path / "no" / "such" / "model"))
     with pytest.raises(FileNotFoundError, match="has no model_index.json"):
-        StableDiffusionPipeline.from_pretrained(str(tmp_path), compilation_cache=False)
+        StableDiffusionPipeline.from_pretrained(str(tmp_path))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -305,16 +303,14 @@ def test_delta_that_does_not_match_the_unet_is_rejected(tiny, tmp_path) -> None:
     sd["conv_in.weight"] = torch.zeros(sd["conv_in.weight"].shape[0], 5, 3, 3)  # 5 input channels, not 4
     save_file(sd, str(tmp_path / "delta_weights.safetensors"))
     with pytest.raises(ConversionError, match="does not match this UNet"):
-        StableDiffusionPipeline.from_pretrained(m.folder, delta=str(tmp_path), compilation_cache=False)
+        StableDiffusionPipeline.from_pretrained(m.folder, delta=str(tmp_path))
 
     other = {k: torch.zeros_like(v) for k, v in _torch_unet(tiny("sdxl").folder).state_dict().items()}
     save_file(other, str(tmp_path / "sdxl_delta.safetensors"))
     with pytest.raises(ConversionError, match="does not match this UNet"):
-        StableDiffusionPipeline.from_pretrained(m.folder, delta=str(tmp_path / "sdxl_delta.safetensors"),
-                                                compilation_cache=False)
+        StableDiffusionPipeline.from_pretrained(m.folder, delta=str(tmp_path / "sdxl_delta.safetensors"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        StableDiffusionPipeline.from_pretrained(m.folder, delta=str(tmp_path / "missing.safetensors"),
-                                                compilation_cache=False)
+        StableDiffusionPipeline.from_pretrained(m.folder, delta=str(tmp_path / "missing.safetensors"))
 
 
 def test_delta_equals_model_with_merged_unet(tiny, tmp_path) -> None:
@@ -341,8 +337,8 @@ def test_delta_equals_model_with_merged_unet(tiny, tmp_path) -> None:
 
     kw = dict(num_inference_steps=STEPS, guidance_scale=3.0, height=H, width=W, latents=LATENTS,
               output_type="float")
-    with_delta = StableDiffusionPipeline.from_pretrained(m.folder, delta=str(delta_dir), compilation_cache=False)
-    merged = StableDiffusionPipeline.from_pretrained(str(merged_dir), compilation_cache=False)
+    with_delta = StableDiffusionPipeline.from_pretrained(m.folder, delta=str(delta_dir))
+    merged = StableDiffusionPipeline.from_pretrained(str(merged_dir))
     a, b = with_delta(PROMPTS, **kw), merged(PROMPTS, **kw)
     base = m.pipe("perflow")(PROMPTS, **kw)
     print(f"\n[sd15] ΔW: |delta - merged| = {_max_diff(a, b):.2e}, |delta - base| = {_max_diff(a, base):.2e}")
@@ -405,19 +401,112 @@ def test_repo_id_resolves_in_cache_layout(tiny, monkeypatch, tmp_path) -> None:
 
 
 def test_cpu_pipeline_holds_the_weights_once(tiny) -> None:
-    """On one CPU process in float32, the converted params are used in place by the device arrays, and
-    ``components`` keeps views of them (not a second copy); a bf16 pipeline from the same components casts its
+    """On one CPU process in float32, the converted params are used in place by the device arrays, and the
+    pipeline's own ``components`` keeps read-only views of them (not a second copy); the components passed to
+    the constructor are left as they were (their own arrays); a bf16 pipeline from the same components casts its
     own copy and leaves them untouched."""
     if jax.default_backend() != "cpu" or jax.device_count() != 1:
         pytest.skip("weight sharing applies to a single-device CPU mesh")
     pipe = tiny("sd15").pipe()
-    reference = load_pipeline_components(tiny("sd15").folder).unet_params
+    reference = load_pipeline_components(tiny("sd15").folder)
     device = jax.tree_util.tree_leaves(pipe.params["unet"])
     host = jax.tree_util.tree_leaves(pipe.components.unet_params)
     assert all(d.unsafe_buffer_pointer() == h.ctypes.data for d, h in zip(device, host, strict=True))
-    for h, r in zip(host, jax.tree_util.tree_leaves(reference), strict=True):
+    assert not any(h.flags.writeable for h in host)
+    for h, r in zip(host, jax.tree_util.tree_leaves(reference.unet_params), strict=True):
         np.testing.assert_array_equal(h, r)  # same values as a fresh load
 
-    half = StableDiffusionPipeline(pipe.components, pipe.scheduler, dtype=jnp.bfloat16, compilation_cache=False)
+    caller = jax.tree_util.tree_leaves(reference.unet_params)
+    own = StableDiffusionPipeline(reference, pipe.scheduler)
+    assert own.components is not reference
+    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(reference.unet_params), caller, strict=True))
+    own_device = jax.tree_util.tree_leaves(own.params["unet"])
+    own_host = jax.tree_util.tree_leaves(own.components.unet_params)
+    assert all(d.unsafe_buffer_pointer() == h.ctypes.data for d, h in zip(own_device, own_host, strict=True))
+
+    half = StableDiffusionPipeline(pipe.components, pipe.scheduler, dtype=jnp.bfloat16)
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(half.params))
+    assert half.components is pipe.components  # no sharing in bf16: the components are used as given
     assert jax.tree_util.tree_leaves(pipe.components.unet_params)[0] is host[0]  # unchanged by the bf16 pipeline
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stages and construction
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _stages_by_hand(pipe: StableDiffusionPipeline, request: GenerationRequest) -> np.ndarray:
+    """The four public stages, each jitted on its own and called in order, as research code would."""
+    spec, inputs, params = request.spec, request.inputs, pipe.params
+    state = pipe.scheduler_state(spec.num_inference_steps, pipe.latent_shape(spec))
+    size = (spec.height, spec.width)
+    encode = jax.jit(pipe.encode_prompt, static_argnames=("size", "zero_text"))
+    cond = encode(params, inputs.ids, size=size)
+    uncond = encode(params, inputs.neg_ids, size=size, zero_text=spec.zero_negative) if spec.use_cfg else None
+    x = jax.jit(pipe.prepare_latents, static_argnums=1)(params, spec, state, inputs, request.seed)
+    x = jax.jit(pipe.denoise, static_argnums=1)(params, spec, state, x, cond, uncond, request.guidance_scale,
+                                                request.seed)
+    images = jax.jit(pipe.decode, static_argnums=2)(params, x, spec.output_type)
+    return np.asarray(images)[:request.num_images]
+
+
+STAGE_CASES = {
+    "sd15 cfg": ("sd15", dict(guidance_scale=3.0, negative_prompt=NEGATIVES)),
+    "sd15 no cfg": ("sd15", dict(guidance_scale=1.0)),
+    "sdxl cfg zero negative": ("sdxl", dict(guidance_scale=3.0)),
+    "sdxl no cfg": ("sdxl", dict(guidance_scale=0.0)),
+    "sd15 img2img": ("sd15", dict(guidance_scale=3.0, strength=0.6)),
+    "sdxl img2img": ("sdxl", dict(guidance_scale=3.0, strength=0.5)),
+}
+
+
+@pytest.mark.parametrize("case", list(STAGE_CASES))
+def test_stages_composed_by_hand_equal_call(tiny, case: str) -> None:
+    """``encode_prompt`` → ``prepare_latents`` → ``denoise`` → ``decode``, each jitted separately and composed
+    by hand, give bit for bit the images of ``__call__`` / ``img2img`` (text-to-image with and without CFG,
+    img2img; SD1 and SDXL, whose negative branch is zeroed without a negative prompt)."""
+    family, kw = STAGE_CASES[case]
+    pipe = tiny(family).pipe("perflow")
+    kw = dict(kw, num_inference_steps=STEPS, seed=5, output_type="float")
+    if "strength" in kw:
+        image = np.random.default_rng(4).uniform(0, 1, (H, W, 3)).astype(np.float32)
+        ours = pipe.img2img(PROMPTS, image, **kw)
+        request = pipe.build_request(PROMPTS, image=image, **kw)
+        assert request.spec.has_image and request.spec.start_step > 0
+    else:
+        ours = pipe(PROMPTS, height=H, width=W, **kw)
+        request = pipe.build_request(PROMPTS, height=H, width=W, **kw)
+    assert request.spec in pipe._compiled  # __call__ ran the program of exactly this spec
+    assert request.spec.use_cfg == (kw["guidance_scale"] > 1.0)
+    np.testing.assert_array_equal(_stages_by_hand(pipe, request), ours)
+
+
+CONFIG_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+               "jax_persistent_cache_min_entry_size_bytes")
+
+
+def test_building_a_pipeline_changes_no_global_state_nor_components(tiny, monkeypatch, tmp_path) -> None:
+    """Constructing a pipeline (directly and with ``from_pretrained``) and generating with it leave
+    ``jax.config`` as it was, even with ``PERFLOW_JAX_CACHE_DIR`` pointing elsewhere, and leave the caller's
+    ``components`` untouched: the same param trees and arrays (identity) with the same values."""
+    monkeypatch.setenv("PERFLOW_JAX_CACHE_DIR", str(tmp_path / "would-be-cache"))
+    before = {k: getattr(jax.config, k) for k in CONFIG_KEYS}
+    folder = tiny("sd15").folder
+    comps = load_pipeline_components(folder)
+    trees = {"unet": comps.unet_params, "vae": comps.vae_params, "text_encoder": comps.text_encoder_params}
+    leaves = {k: jax.tree_util.tree_leaves(t) for k, t in trees.items()}
+    values = {k: [np.array(a, copy=True) for a in v] for k, v in leaves.items()}
+
+    pipe = StableDiffusionPipeline(comps, make_scheduler(comps, "perflow"))
+    pipe(PROMPTS, num_inference_steps=STEPS, height=H, width=W)
+    StableDiffusionPipeline.from_pretrained(folder, scheduler="ddim")
+
+    assert {k: getattr(jax.config, k) for k in CONFIG_KEYS} == before
+    assert not (tmp_path / "would-be-cache").exists()
+    assert comps.unet_params is trees["unet"] and comps.vae_params is trees["vae"]
+    assert comps.text_encoder_params is trees["text_encoder"]
+    for k, tree in trees.items():
+        now = jax.tree_util.tree_leaves(tree)
+        assert all(a is b for a, b in zip(now, leaves[k], strict=True)), k
+        for a, v in zip(now, values[k], strict=True):
+            np.testing.assert_array_equal(a, v)

@@ -1,12 +1,15 @@
-"""Text-to-image and img2img pipelines (SD1.x, SD2.x, SDXL) with PeRFlow, jitted and sharded."""
+"""Text-to-image and img2img pipelines (SD1.x, SD2.x, SDXL) with PeRFlow, in named stages, jitted and sharded."""
 
 from perflow_jax.pipelines.defaults import FAMILY_DEFAULTS, model_family
 from perflow_jax.pipelines.stable_diffusion import (
+    GenerationInputs,
+    GenerationRequest,
+    GenerationSpec,
     GenerationStats,
     StableDiffusionPipeline,
     load_components,
     make_scheduler,
 )
 
-__all__ = ["FAMILY_DEFAULTS", "GenerationStats", "StableDiffusionPipeline", "load_components", "make_scheduler",
-           "model_family"]
+__all__ = ["FAMILY_DEFAULTS", "GenerationInputs", "GenerationRequest", "GenerationSpec", "GenerationStats",
+           "StableDiffusionPipeline", "load_components", "make_scheduler", "model_family"]

@@ -4,7 +4,8 @@ It is the package's embedded default, small enough to train and run on a laptop 
 ε-prediction diffusion model and the PeRFlow student is a ΔW over it, both shipped under
 ``perflow_jax/assets/digits/``. The "prompt" is a class label 0–9; label 10 is the null class used for
 classifier-free guidance. The UNet's cross-attention context is a constant zero token (the class enters
-through the class embedding), so the model is our ordinary :class:`UNet2DConditionModel`.
+through the class embedding), so the model is our ordinary :class:`UNet2DConditionModel`, called through
+the one model adapter (:mod:`perflow_jax.models.adapter`) with a class-label condition.
 
     pipe = DigitsPipeline.from_builtin("perflow")
     images = pipe([7] * 8, num_inference_steps=4)     # (8, 8, 8) uint8
@@ -13,7 +14,6 @@ through the class embedding), so the model is our ordinary :class:`UNet2DConditi
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Sequence
@@ -25,6 +25,8 @@ import numpy as np
 
 from perflow_jax import sampling, schedulers
 from perflow_jax.images import make_grid, save_png
+from perflow_jax.models import adapter
+from perflow_jax.models.adapter import UNetCondition
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 NUM_CLASSES = 10
@@ -76,15 +78,17 @@ def load_digits_data(split: str = "train", seed: int = 0, holdout: int = 400) ->
     return (x_tr, y_tr) if split == "train" else (x_te, y_te)
 
 
-def context(batch: int) -> jax.Array:
-    """The constant cross-attention context: one zero token per sample, (B, 1, CONTEXT_DIM)."""
-    return jnp.zeros((batch, 1, CONTEXT_DIM), jnp.float32)
+UNET = UNet2DConditionModel(UNET_CONFIG)
+
+
+def condition(labels: jax.typing.ArrayLike) -> UNetCondition:
+    """The UNet condition for class `labels` (B,): no text, so the adapter feeds one zero context token."""
+    return UNetCondition(class_labels=jnp.asarray(labels))
 
 
 def model_fn(params: Any, x: jax.Array, timesteps: jax.Array, labels: jax.Array) -> jax.Array:
-    """The digits UNet as ``teacher_fn(x, timesteps (B,), cond)`` with the class labels as the condition."""
-    return UNet2DConditionModel(UNET_CONFIG).apply({"params": params}, x, timesteps, context(x.shape[0]),
-                                                   class_labels=labels)
+    """The digits UNet at class `labels`, float32 out (:func:`perflow_jax.models.adapter.unet_apply`)."""
+    return adapter.unet_apply(UNET, params, x, timesteps, condition(labels))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,14 +145,15 @@ class DigitsPipeline:
         key = (scheduler, steps, batch)
         if key not in self._jitted:
             sched = self.make_scheduler(scheduler)
-            state = sched.set_timesteps(steps)
+            shape = (batch, 1, IMAGE_SIZE, IMAGE_SIZE)
+            state = sched.set_timesteps(steps, sample_shape=shape)  # multistep schedulers size history by it
 
             @jax.jit
             def run(params, labels, guidance, seed):
-                fn = functools.partial(model_fn, params)
                 null = jnp.full_like(labels, NULL_CLASS)
-                denoise = sampling.classifier_free_guidance(fn, labels, null, guidance)
-                x = sampling.init_latents(jax.random.key(seed), (batch, 1, IMAGE_SIZE, IMAGE_SIZE), sched, state)
+                denoise = sampling.classifier_free_guidance(adapter.unet_fn(UNET, params), condition(labels),
+                                                            condition(null), guidance)
+                x = sampling.init_latents(jax.random.key(seed), shape, sched, state)
                 return sampling.sample(sched, state, denoise, x, key=jax.random.key(seed + 1))
 
             self._jitted[key] = run

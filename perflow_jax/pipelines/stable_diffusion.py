@@ -1,37 +1,137 @@
-"""Text-to-image and img2img for SD1.x, SD2.x and SDXL, jitted once per shape and sharded over devices.
+"""Text-to-image and img2img for SD1.x, SD2.x and SDXL, in named stages, jitted once per shape and sharded.
 
-One compiled program per (batch, height, width, steps, img2img start step, CFG on/off): prompts, negative
-prompts, seed and guidance scale are traced inputs and never recompile. The batch is sharded over a 1-D
-``("data",)`` mesh of all devices (all hosts after ``jax.distributed.initialize()``), params replicated;
-a batch that does not divide the device count is padded and trimmed. Image ``i`` of a call always starts
-from noise drawn with ``fold_in(PRNGKey(seed), i)``, so the same seed gives the same images on 1 or N
-devices and for any batch split.
+A generation runs four stages, each a public method that is pure in ``params`` and usable on its own (inside
+your own ``jax.jit`` or eagerly):
+
+1. :meth:`~StableDiffusionPipeline.encode_prompt`: token ids → a :class:`~perflow_jax.models.adapter.UNetCondition`;
+2. :meth:`~StableDiffusionPipeline.prepare_latents`: seeded noise, given latents, or an encoded and noised image;
+3. :meth:`~StableDiffusionPipeline.denoise`: the ``lax.scan`` sampling loop (:func:`perflow_jax.sampling.sample`)
+   over the UNet, with or without classifier-free guidance;
+4. :meth:`~StableDiffusionPipeline.decode`: VAE decode to images.
+
+:meth:`~StableDiffusionPipeline.program` composes them for one :class:`GenerationSpec`, the frozen record of
+everything static about a call (batch, size, steps, img2img start step, CFG on/off, ...). The spec is both what
+the program is built from and the key of the compiled-program cache, so prompts, negative prompts, seed and
+guidance scale are traced inputs and never recompile. :meth:`~StableDiffusionPipeline.build_request` turns a
+user call into a spec plus a :class:`GenerationInputs` of batched global arrays;
+:meth:`~StableDiffusionPipeline.generate` compiles (once per spec) and runs the program. ``__call__`` and
+``img2img`` are exactly these two steps.
+
+The batch is sharded over a 1-D ``("data",)`` mesh of all devices (all hosts after
+:func:`perflow_jax.sharding.initialize_distributed`), params replicated; a batch that does not divide the device
+count is padded and trimmed. Image ``i`` of a call always starts from noise drawn with
+``fold_in(fold_in(key(seed), i), 0)`` (its VAE posterior sample in img2img from ``fold_in(..., 1)``), so the
+same seed gives the same images on 1 or N devices and for any batch split; ancestral schedulers draw their step
+noise for the whole padded batch from ``fold_in(key(seed), 2**31)``.
 
 Precision: params and activations in ``dtype`` (e.g. bf16); latents, guidance and the scheduler in float32.
 Layouts: latents NCHW ``(B, 4, H/8, W/8)`` like diffusers; returned images NHWC ``(B, H, W, 3)`` like
 diffusers' ``output_type="np"``, as uint8 or float in [0, 1].
+
+Building a pipeline changes no global state: JAX's persistent compilation cache is turned on by an explicit
+:func:`perflow_jax.enable_compilation_cache` call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from perflow_jax import sampling, schedulers
-from perflow_jax.compilation_cache import enable_compilation_cache
+from perflow_jax import delta as delta_lib
+from perflow_jax import sampling, schedulers, sharding
+from perflow_jax.lora import load_lora, merge_loras
+from perflow_jax.models import adapter
+from perflow_jax.models.adapter import UNetCondition
 from perflow_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from perflow_jax.models.components import PipelineComponents, load_pipeline_components
+from perflow_jax.models.single_file import load_single_file
 from perflow_jax.models.unet import UNet2DConditionModel
 from perflow_jax.models.vae import AutoencoderKL, scale_latents, unscale_latents
 from perflow_jax.pipelines.defaults import FAMILY_DEFAULTS, model_family, perflow_config_dict
+
+OUTPUT_TYPES = ("uint8", "float")
+STEP_NOISE_FOLD = 2**31  # fold_in(key(seed), STEP_NOISE_FOLD): the ancestral schedulers' step-noise key
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSpec:
+    """Everything static about one generation: what :meth:`StableDiffusionPipeline.program` is built from, and
+    the key of the pipeline's compiled-program cache (two calls with equal specs share one program).
+
+    Attributes:
+      batch: rows per call, padded to a multiple of the device count (see :func:`perflow_jax.sharding.padded_size`).
+      height, width: image size in pixels (positive multiples of the VAE's downsampling factor).
+      num_inference_steps: the step count the scheduler state is built for.
+      start_step: the first step run: 0 for text-to-image; img2img skips the first ``steps · (1 − strength)``.
+      use_cfg: classifier-free guidance (an unconditional branch); off for guidance scale ≤ 1, as in diffusers.
+      zero_negative: SDXL without a negative prompt: the unconditional text embeddings are zeros.
+      has_latents: the inputs carry initial latents (scaled by the scheduler's ``init_noise_sigma``).
+      has_image: img2img: the inputs carry init images, encoded by the VAE and noised to ``start_step``.
+      output_type: ``"uint8"`` or ``"float"`` (in [0, 1]) images.
+    """
+
+    batch: int
+    height: int
+    width: int
+    num_inference_steps: int
+    start_step: int = 0
+    use_cfg: bool = True
+    zero_negative: bool = False
+    has_latents: bool = False
+    has_image: bool = False
+    output_type: str = "uint8"
+
+    def __post_init__(self) -> None:
+        _check_output_type(self.output_type)
+        if self.has_latents and self.has_image:
+            raise ValueError("A generation starts from given latents or from an init image, not both.")
+        if self.start_step < 0:
+            raise ValueError(f"start_step must be ≥ 0, got {self.start_step}.")
+
+
+class GenerationInputs(NamedTuple):
+    """The batched inputs of one generation (rows = ``spec.batch``; absent parts are None).
+
+    Attributes:
+      ids: prompt token ids (B, L), or (B, 2, L) for SDXL's two tokenizers.
+      neg_ids: negative-prompt token ids, same shape (the empty prompt when none was given).
+      index: (B,) uint32 image index within the call: image i's noise comes from ``fold_in(key(seed), i)``.
+      latents: (B, C, H/f, W/f) float32 initial latents, or None for seeded noise.
+      image: (B, 3, H, W) float32 init images in [0, 1] (img2img), or None.
+    """
+
+    ids: jax.Array
+    neg_ids: jax.Array
+    index: jax.Array
+    latents: jax.Array | None = None
+    image: jax.Array | None = None
+
+
+class GenerationRequest(NamedTuple):
+    """A validated call, ready for :meth:`StableDiffusionPipeline.generate`.
+
+    Attributes:
+      spec: the static part (the compiled program's key).
+      inputs: batched global arrays, sharded over the mesh's data axis and padded to ``spec.batch``.
+      seed: uint32 scalar, replicated.
+      guidance_scale: float32 scalar, replicated.
+      num_images: rows before padding (the images returned).
+    """
+
+    spec: GenerationSpec
+    inputs: GenerationInputs
+    seed: jax.Array
+    guidance_scale: jax.Array
+    num_images: int
 
 
 @dataclasses.dataclass
@@ -46,24 +146,30 @@ class GenerationStats:
 class StableDiffusionPipeline:
     """SD1.x / SD2.x / SDXL text-to-image and img2img with any registered scheduler (PeRFlow by default).
 
-    Build it with :meth:`from_pretrained`, then call :meth:`__call__` (text-to-image) or :meth:`img2img`.
+    Build it with :meth:`from_pretrained`, then call :meth:`__call__` (text-to-image) or :meth:`img2img`; or run
+    the stages yourself (see the module docstring). Building one never changes global state and never modifies
+    the `components` passed in.
+
+    Attributes:
+      components: the pipeline's components. On a single-process float32 CPU pipeline this is a shallow copy of
+        the ones passed in whose params are read-only NumPy views of :attr:`params` (the device copy *is* host
+        memory there), so the weights are held once as soon as the caller drops their own components (as
+        :meth:`from_pretrained` does); elsewhere it is the caller's object, untouched.
+      params: ``{"unet", "vae", "text_encoder"[, "text_encoder_2"]}`` in ``dtype``, replicated over the mesh.
+      stats: :class:`GenerationStats` of the last call.
     """
 
     def __init__(self, components: PipelineComponents, scheduler: schedulers.Scheduler, *,
                  dtype: Any = jnp.float32, mesh: Mesh | None = None, decode_chunk_size: int | None = None,
-                 attention_implementation: str | None = None, attention_chunk_size: int | None = None,
-                 compilation_cache: bool | str = True):
-        if compilation_cache:
-            enable_compilation_cache(compilation_cache if isinstance(compilation_cache, str) else None)
-        self.components = components
+                 attention_implementation: str | None = None, attention_chunk_size: int | None = None):
+        c = components
         self.scheduler = scheduler
-        self.family = model_family(components)
+        self.family = model_family(c)
         self.defaults = FAMILY_DEFAULTS[self.family]
         self.dtype = jnp.dtype(dtype)
-        self.mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()), ("data",))
-        self._replicated = NamedSharding(self.mesh, P())
-        self._batch = NamedSharding(self.mesh, P("data"))
-        c = components
+        self.mesh = mesh if mesh is not None else sharding.data_mesh()
+        self._replicated = sharding.replicated(self.mesh)
+        self._batch = sharding.batch_sharded(self.mesh)
         self.unet = UNet2DConditionModel(c.unet_config, dtype=self.dtype,
                                          attention_implementation=attention_implementation,
                                          attention_chunk_size=attention_chunk_size)
@@ -74,17 +180,15 @@ class StableDiffusionPipeline:
         params = {"unet": c.unet_params, "vae": c.vae_params, "text_encoder": c.text_encoder_params}
         if c.text_encoder_2_params is not None:
             params["text_encoder_2"] = c.text_encoder_2_params
-        self.params = self._replicate(params)
-        self._share_host_params()
+        # Cast leaf by leaf (no second full host copy), then replicate.
+        self.params = jax.tree_util.tree_map(
+            lambda a: sharding.global_array(np.asarray(a, self.dtype), self._replicated), params)
+        self.components = self._own_components(c)
         self.vae_scale_factor = 2 ** (len(c.vae_config.block_out_channels) - 1)
         self.force_zeros_for_empty_prompt = bool(c.model_index.get("force_zeros_for_empty_prompt", True))
         self._states: dict[tuple, Any] = {}
-        self._compiled: dict[tuple, Any] = {}
+        self._compiled: dict[GenerationSpec, Any] = {}
         self.stats = GenerationStats()
-
-    # ------------------------------------------------------------------------------------------------------
-    # Construction
-    # ------------------------------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, *, base: str | None = None, delta: str | None = None,
@@ -105,36 +209,32 @@ class StableDiffusionPipeline:
           dtype: compute and param dtype (``jnp.bfloat16`` / ``jnp.float16`` halve memory).
           variant: weights variant such as ``"fp16"``.
           allow_pickle: allow ``.bin`` PyTorch pickles (needs torch; only for files you trust).
-          kwargs: passed to the constructor (mesh, decode_chunk_size, attention options, compilation_cache).
+          kwargs: passed to the constructor (mesh, decode_chunk_size, attention options).
         """
         components = load_components(path_or_repo_id, base=base, delta=delta, loras=loras, variant=variant,
                                      allow_pickle=allow_pickle)
         return cls(components, make_scheduler(components, scheduler, scheduler_overrides), dtype=dtype, **kwargs)
 
-    def _replicate(self, tree: Any) -> Any:
-        """`tree` in the compute dtype, replicated over the mesh (cast leaf by leaf: no second full host copy)."""
-        return jax.tree_util.tree_map(lambda a: _global_array(np.asarray(a, self.dtype), self._replicated), tree)
+    def _own_components(self, components: PipelineComponents) -> PipelineComponents:
+        """`components` with params that share :attr:`params`' memory where the device copy is host memory (one
+        process, CPU devices, float32); else `components` itself. Never modifies `components`.
 
-    def _share_host_params(self) -> None:
-        """Hold the weights once where the device copy *is* host memory (one process, CPU devices, float32).
-
-        ``components`` params then become read-only NumPy views of ``self.params`` (same values), so that the
-        original host trees can be freed: otherwise a CPU process keeps every weight twice. Elsewhere the
-        device copy lives in device memory and ``components`` keeps its own host copy for LoRA merging, export
-        and building further pipelines.
+        Converted params are 64-byte-aligned buffers that XLA:CPU adopts without copying, so there the device
+        params already share the caller's memory; the views extend that to any other host arrays (e.g. LoRA-merged
+        NumPy params), whose copies are then freed once the caller drops `components`.
         """
         if (jax.process_count() > 1 or self.dtype != jnp.float32
                 or any(d.platform != "cpu" for d in self.mesh.devices.flat)):
-            return
-        view = lambda t: jax.tree_util.tree_map(np.asarray, t)  # noqa: E731  zero-copy on CPU
-        c = self.components
-        c.unet_params, c.vae_params = view(self.params["unet"]), view(self.params["vae"])
-        c.text_encoder_params = view(self.params["text_encoder"])
-        if "text_encoder_2" in self.params:
-            c.text_encoder_2_params = view(self.params["text_encoder_2"])
+            return components
+        view = lambda t: jax.tree_util.tree_map(np.asarray, t)  # noqa: E731  zero-copy, read-only on CPU
+        p = self.params
+        return dataclasses.replace(
+            components, unet_params=view(p["unet"]), vae_params=view(p["vae"]),
+            text_encoder_params=view(p["text_encoder"]),
+            text_encoder_2_params=view(p["text_encoder_2"]) if "text_encoder_2" in p else None)
 
     # ------------------------------------------------------------------------------------------------------
-    # Public API
+    # Calls
     # ------------------------------------------------------------------------------------------------------
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
@@ -147,8 +247,10 @@ class StableDiffusionPipeline:
         ``init_noise_sigma`` as in diffusers). ``guidance_scale`` ≤ 1 turns classifier-free guidance off, as
         in diffusers.
         """
-        return self._generate(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, height, width,
-                              num_images_per_prompt, latents, None, 1.0, output_type)
+        return self.generate(self.build_request(
+            prompt, negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            seed=seed, height=height, width=width, num_images_per_prompt=num_images_per_prompt, latents=latents,
+            output_type=output_type))
 
     def img2img(self, prompt: str | Sequence[str], image: np.ndarray, strength: float = 0.6,
                 negative_prompt: str | Sequence[str] | None = None, *, num_inference_steps: int | None = None,
@@ -159,29 +261,45 @@ class StableDiffusionPipeline:
         As in diffusers, the last ``int(steps · strength)`` steps run, starting from the encoded image noised
         to the first of them; the VAE encoding is sampled with the seed.
         """
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}.")
-        return self._generate(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, None, None,
-                              num_images_per_prompt, None, image, strength, output_type)
+        return self.generate(self.build_request(
+            prompt, negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            seed=seed, num_images_per_prompt=num_images_per_prompt, image=image, strength=strength,
+            output_type=output_type))
 
-    def scheduler_state(self, num_inference_steps: int, sample_shape: tuple[int, ...]) -> Any:
-        """The (cached, replicated) scheduler state for a step count and latent batch shape (multistep
-        schedulers size their history by it)."""
-        key = (num_inference_steps, tuple(sample_shape))
-        if key not in self._states:
-            state = self.scheduler.set_timesteps(num_inference_steps, sample_shape=tuple(sample_shape))
-            self._states[key] = self._replicate(state)
-        return self._states[key]
+    def generate(self, request: GenerationRequest) -> np.ndarray:
+        """Run :meth:`program` for ``request.spec`` (compiled on first use, then cached by spec) and gather the
+        images to the host, padding rows dropped. Updates :attr:`stats`."""
+        spec = request.spec
+        state = self.scheduler_state(spec.num_inference_steps, self.latent_shape(spec))
+        args = (self.params, state, request.inputs, request.seed, request.guidance_scale)
+        t0 = time.perf_counter()
+        compiled = self._compiled.get(spec)
+        if compiled is None:
+            rep, batch = self._replicated, self._batch
+            fn = jax.jit(self.program(spec), in_shardings=(rep, rep, batch, rep, rep), out_shardings=batch)
+            compiled = fn.lower(*args).compile()
+            self._compiled[spec] = compiled
+        t1 = time.perf_counter()
+        images = sharding.to_host(compiled(*args))[:request.num_images]
+        t2 = time.perf_counter()
+        self.stats = GenerationStats(t1 - t0, t2 - t1, len(self._compiled))
+        return images
 
     # ------------------------------------------------------------------------------------------------------
     # Host side: validation, tokenisation, batching
     # ------------------------------------------------------------------------------------------------------
 
-    def _generate(self, prompt, negative_prompt, steps, guidance, seed, height, width, per_prompt, latents,
-                  image, strength, output_type) -> np.ndarray:
-        steps = self.defaults.num_inference_steps if steps is None else steps
-        guidance = self.defaults.guidance_scale if guidance is None else guidance
+    def build_request(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                      num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+                      height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
+                      latents: np.ndarray | None = None, image: np.ndarray | None = None, strength: float = 1.0,
+                      output_type: str = "uint8") -> GenerationRequest:
+        """Validate a call and build its :class:`GenerationRequest` (arguments as :meth:`__call__`; `image` and
+        `strength` as :meth:`img2img`). Raises ValueError naming the bad argument; compiles nothing."""
+        steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         prompts = _as_list(prompt, "prompt")
+        negatives = None
         if negative_prompt is not None:
             negatives = _as_list(negative_prompt, "negative_prompt")
             if len(negatives) == 1:
@@ -189,18 +307,20 @@ class StableDiffusionPipeline:
             if len(negatives) != len(prompts):
                 raise ValueError(f"Got {len(negatives)} negative prompts for {len(prompts)} prompts; pass one "
                                  "negative prompt or one per prompt.")
-        else:
-            negatives = None
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {steps!r}.")
         if not np.isfinite(guidance) or guidance < 0:
             raise ValueError(f"guidance_scale must be a finite number ≥ 0, got {guidance!r}.")
-        if output_type not in ("uint8", "float"):
-            raise ValueError(f"output_type must be 'uint8' or 'float', got {output_type!r}.")
-        if per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be ≥ 1, got {per_prompt}.")
-        prompts = [p for p in prompts for _ in range(per_prompt)]
-        negatives = [p for p in negatives for _ in range(per_prompt)] if negatives is not None else None
+        _check_output_type(output_type)
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be ≥ 1, got {num_images_per_prompt}.")
+        if image is not None and not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}.")
+        if image is not None and latents is not None:
+            raise ValueError("Pass latents or an init image, not both.")
+        per = num_images_per_prompt
+        prompts = [p for p in prompts for _ in range(per)]
+        negatives = [p for p in negatives for _ in range(per)] if negatives is not None else None
         n = len(prompts)
 
         init_images = None
@@ -208,59 +328,63 @@ class StableDiffusionPipeline:
             init_images = _prepare_images(image, n)
             height, width = init_images.shape[2:]
         height, width = self._check_size(height, width)
-        f = self.vae_scale_factor
-        latent_shape = (self.components.unet_config.in_channels, height // f, width // f)
+        padded = sharding.padded_size(n, self.mesh)
+        latent_shape = self._latent_shape(padded, height, width)
         if latents is not None:
             latents = np.asarray(latents, np.float32)
-            if latents.shape != (n, *latent_shape):
-                raise ValueError(f"latents must have shape {(n, *latent_shape)} (NCHW) for {n} images of "
+            if latents.shape != (n, *latent_shape[1:]):
+                raise ValueError(f"latents must have shape {(n, *latent_shape[1:])} (NCHW) for {n} images of "
                                  f"{height}×{width}, got {latents.shape}.")
 
-        ndev = self.mesh.devices.size
-        padded = -(-n // ndev) * ndev
-        state = self.scheduler_state(steps, (padded, *latent_shape))
-        num_steps = int(state.timesteps.shape[0])
+        num_steps = int(self.scheduler_state(steps, latent_shape).timesteps.shape[0])
         start = num_steps - min(int(num_steps * strength), num_steps) if image is not None else 0
         if start >= num_steps:
             raise ValueError(f"strength {strength} with {num_steps} steps leaves no step to run; raise strength "
                              "or num_inference_steps.")
-        # As in diffusers: guidance_scale ≤ 1 means no classifier-free guidance (conditional model only);
-        # e.g. guidance_scale=0 is the usual "off" for distilled models, not the unconditional model.
-        use_cfg = guidance > 1.0
-        zero_negative = negatives is None and self.family == "sdxl" and self.force_zeros_for_empty_prompt
-        if negatives is None:
-            negatives = [""] * n
+        spec = GenerationSpec(
+            batch=padded, height=height, width=width, num_inference_steps=steps, start_step=start,
+            # As in diffusers: guidance_scale ≤ 1 means no classifier-free guidance (conditional model only);
+            # e.g. guidance_scale=0 is the usual "off" for distilled models, not the unconditional model.
+            use_cfg=guidance > 1.0,
+            zero_negative=negatives is None and self.family == "sdxl" and self.force_zeros_for_empty_prompt,
+            has_latents=latents is not None, has_image=init_images is not None, output_type=output_type)
 
-        pad = lambda a: np.concatenate([a, np.repeat(a[-1:], padded - n, axis=0)]) if padded > n else a  # noqa
-        inputs = {
-            "ids": pad(self._tokenize(prompts)),
-            "neg_ids": pad(self._tokenize(negatives)),
-            "index": np.arange(padded, dtype=np.uint32),
-        }
-        if latents is not None:
-            inputs["latents"] = pad(latents)
-        if init_images is not None:
-            inputs["image"] = pad(init_images)
-        inputs = {k: _global_array(v, self._batch) for k, v in inputs.items()}
-        scalars = {"seed": np.uint32(seed % 2**32), "guidance": np.float32(guidance),
-                   "size": np.array([height, width], np.float32)}
-        scalars = {k: _global_array(np.asarray(v), self._replicated) for k, v in scalars.items()}
+        pad = lambda a: None if a is None else _pad_rows(a, padded)  # noqa: E731
+        inputs = GenerationInputs(
+            ids=pad(self.tokenize(prompts)), neg_ids=pad(self.tokenize(negatives or [""] * n)),
+            index=np.arange(padded, dtype=np.uint32), latents=pad(latents), image=pad(init_images))
+        return GenerationRequest(
+            spec=spec, inputs=sharding.global_tree(inputs, self._batch),
+            seed=sharding.global_array(np.uint32(seed % 2**32), self._replicated),
+            guidance_scale=sharding.global_array(np.float32(guidance), self._replicated), num_images=n)
 
-        key = (padded, height, width, num_steps, start, use_cfg, zero_negative, tuple(sorted(inputs)),
-               output_type)
-        t0 = time.perf_counter()
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            fn = jax.jit(self._program(latent_shape, start, use_cfg, zero_negative, output_type),
-                         out_shardings=self._batch)
-            compiled = fn.lower(self.params, state, inputs, scalars).compile()
-            self._compiled[key] = compiled
-        t1 = time.perf_counter()
-        out = compiled(self.params, state, inputs, scalars)
-        images = _to_host(out)[:n]
-        t2 = time.perf_counter()
-        self.stats = GenerationStats(t1 - t0, t2 - t1, len(self._compiled))
-        return images
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """Token ids (B, L), or (B, 2, L) for SDXL's two tokenizers, padded to the tokenizer's max length."""
+        def ids(tok: Any) -> np.ndarray:
+            out = tok(list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="np")
+            return np.asarray(out["input_ids"], np.int32)
+
+        if self.text_encoder_2 is None:
+            return ids(self.components.tokenizer)
+        return np.stack([ids(self.components.tokenizer), ids(self.components.tokenizer_2)], axis=1)
+
+    def latent_shape(self, spec: GenerationSpec) -> tuple[int, int, int, int]:
+        """The (batch, channels, H/f, W/f) shape of the latents for `spec`."""
+        return self._latent_shape(spec.batch, spec.height, spec.width)
+
+    def scheduler_state(self, num_inference_steps: int, sample_shape: tuple[int, ...]) -> Any:
+        """The (cached, replicated) scheduler state for a step count and latent batch shape (multistep
+        schedulers size their history by it). Arrays keep their dtypes (float32, int32 timesteps)."""
+        key = (num_inference_steps, tuple(sample_shape))
+        if key not in self._states:
+            state = self.scheduler.set_timesteps(num_inference_steps, sample_shape=tuple(sample_shape))
+            self._states[key] = sharding.global_tree(state, self._replicated)
+        return self._states[key]
+
+    def _latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        f = self.vae_scale_factor
+        return batch, self.components.unet_config.in_channels, height // f, width // f
 
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         f = self.vae_scale_factor
@@ -272,82 +396,102 @@ class StableDiffusionPipeline:
                                  f"got {v!r}.")
         return int(height), int(width)
 
-    def _tokenize(self, texts: list[str]) -> np.ndarray:
-        """(B, L) ids, or (B, 2, L) for SDXL's two tokenizers."""
-        def ids(tok) -> np.ndarray:
-            out = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="np")
-            return np.asarray(out["input_ids"], np.int32)
-
-        if self.text_encoder_2 is None:
-            return ids(self.components.tokenizer)
-        return np.stack([ids(self.components.tokenizer), ids(self.components.tokenizer_2)], axis=1)
-
     # ------------------------------------------------------------------------------------------------------
-    # Device side: the jitted program
+    # Device side: the stages (pure in `params`; `spec` and `size` are static under jit)
     # ------------------------------------------------------------------------------------------------------
 
-    def _program(self, latent_shape: tuple[int, ...], start: int, use_cfg: bool, zero_negative: bool,
-                 output_type: str):
-        """The whole generation as one function of (params, scheduler state, batched inputs, scalars)."""
-        sched = self.scheduler
+    def program(self, spec: GenerationSpec) -> Callable[..., jax.Array]:
+        """The whole generation for `spec`: ``fn(params, state, inputs, seed, guidance_scale) -> images``, the
+        four stages in order. :meth:`generate` jits it with explicit shardings and caches it by `spec`."""
 
-        def program(params, state, inputs, scalars):
-            cond = self._encode_prompt(params, inputs["ids"], scalars["size"])
-            if use_cfg:
-                uncond = self._encode_prompt(params, inputs["neg_ids"], scalars["size"])
-                if zero_negative:  # SDXL: no negative prompt → zero embeddings (diffusers' default)
-                    uncond = {**uncond, "encoder_hidden_states": jnp.zeros_like(uncond["encoder_hidden_states"]),
-                              "text_embeds": jnp.zeros_like(uncond["text_embeds"])}
-
-            base = jax.random.key(scalars["seed"])
-            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(inputs["index"])
-            b = inputs["ids"].shape[0]
-            if "latents" in inputs:
-                x = inputs["latents"] * sched.init_noise_sigma(state)
-            else:
-                x = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), latent_shape))(keys)
-                x = x * sched.init_noise_sigma(state)
-            if "image" in inputs:
-                enc_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-                dist = self.vae.apply({"params": params["vae"]}, inputs["image"] * 2.0 - 1.0,
-                                      method=AutoencoderKL.encode)
-                z = jax.vmap(lambda m, lv, k: _sample_latent(m, lv, k))(dist.mean, dist.logvar, enc_keys)
-                z0 = scale_latents(z.astype(jnp.float32), self.components.vae_config)
-                x = sched.add_noise(z0, x, jnp.full((b,), state.timesteps[start]), state)
-
-            def model_fn(xb, t, ctx):
-                return self.unet.apply({"params": params["unet"]}, xb, t, ctx["encoder_hidden_states"],
-                                       added_cond_kwargs=_added_cond(ctx))
-
-            if use_cfg:
-                denoise = sampling.classifier_free_guidance(model_fn, cond, uncond, scalars["guidance"])
-            else:
-                def denoise(xb, t, i):
-                    return model_fn(xb, jnp.broadcast_to(t, (xb.shape[0],)), cond).astype(jnp.float32)
-
-            # Ancestral schedulers draw step noise for the whole (padded) batch from one seed-derived key.
-            x = sampling.sample(sched, state, denoise, x, key=jax.random.fold_in(base, 2**31), start_step=start)
-            image = self.vae.apply({"params": params["vae"]}, unscale_latents(x, self.components.vae_config)
-                                   .astype(self.dtype), method=AutoencoderKL.decode)
-            image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-            return jnp.round(image * 255).astype(jnp.uint8) if output_type == "uint8" else image
+        def program(params: Any, state: Any, inputs: GenerationInputs, seed: jax.Array,
+                    guidance_scale: jax.Array) -> jax.Array:
+            size = (spec.height, spec.width)
+            cond = self.encode_prompt(params, inputs.ids, size)
+            uncond = (self.encode_prompt(params, inputs.neg_ids, size, zero_text=spec.zero_negative)
+                      if spec.use_cfg else None)
+            x = self.prepare_latents(params, spec, state, inputs, seed)
+            x = self.denoise(params, spec, state, x, cond, uncond, guidance_scale, seed)
+            return self.decode(params, x, spec.output_type)
 
         return program
 
-    def _encode_prompt(self, params: dict, ids: jax.Array, size: jax.Array) -> dict[str, jax.Array]:
-        """Token ids → the UNet's conditioning: text embeddings (+ SDXL pooled embeds and time ids)."""
-        if self.text_encoder_2 is None:
-            out = self.text_encoder.apply({"params": params["text_encoder"]}, ids)
-            return {"encoder_hidden_states": out.last_hidden_state}
-        out1 = self.text_encoder.apply({"params": params["text_encoder"]}, ids[:, 0])
-        out2 = self.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids[:, 1])
-        hidden = jnp.concatenate([out1.hidden_states[-2], out2.hidden_states[-2]], axis=-1)
+    def encode_prompt(self, params: Any, ids: jax.Array, size: tuple[int, int], *, zero_text: bool = False
+                      ) -> UNetCondition:
+        """Token ids (from :meth:`tokenize`) → the UNet's condition: text embeddings, plus for SDXL the pooled
+        text embedding and the time ids of an image of `size` = (height, width).
+
+        `zero_text` (SDXL's convention for an absent negative prompt) zeroes the text embeddings; time ids stay.
+        """
         b = ids.shape[0]
-        # add_time_ids = original size + crop top-left (0, 0) + target size, all (height, width).
-        time_ids = jnp.concatenate([size, jnp.zeros(2, jnp.float32), size])
-        return {"encoder_hidden_states": hidden, "text_embeds": out2.text_embeds,
-                "time_ids": jnp.broadcast_to(time_ids, (b, 6))}
+        if self.text_encoder_2 is None:
+            chex.assert_rank(ids, 2, custom_message="token ids must be (B, L)")
+            hidden = self.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+            cond = UNetCondition(encoder_hidden_states=hidden)
+        else:
+            chex.assert_shape(ids, (b, 2, None), custom_message="SDXL token ids must be (B, 2, L)")
+            out1 = self.text_encoder.apply({"params": params["text_encoder"]}, ids[:, 0])
+            out2 = self.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids[:, 1])
+            hidden = jnp.concatenate([out1.hidden_states[-2], out2.hidden_states[-2]], axis=-1)
+            cond = UNetCondition(encoder_hidden_states=hidden, text_embeds=out2.text_embeds,
+                                 time_ids=adapter.sdxl_time_ids(b, size))
+        if zero_text:
+            cond = cond._replace(encoder_hidden_states=jnp.zeros_like(cond.encoder_hidden_states),
+                                 text_embeds=None if cond.text_embeds is None else jnp.zeros_like(cond.text_embeds))
+        return cond
+
+    def prepare_latents(self, params: Any, spec: GenerationSpec, state: Any, inputs: GenerationInputs,
+                        seed: jax.Array) -> jax.Array:
+        """The float32 latents the loop starts from, (B, C, H/f, W/f): image i's seeded noise (or the given
+        latents) times the scheduler's ``init_noise_sigma``; for img2img the VAE-encoded image noised to
+        ``spec.start_step`` with that noise."""
+        shape = self.latent_shape(spec)
+        chex.assert_shape(inputs.index, (shape[0],), custom_message="inputs.index must be (spec.batch,)")
+        sigma = self.scheduler.init_noise_sigma(state)
+        keys = _image_keys(seed, inputs.index)
+        if spec.has_latents:
+            chex.assert_shape(inputs.latents, shape, custom_message="inputs.latents must be (B, C, H/f, W/f)")
+            x = inputs.latents * sigma
+        else:
+            x = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape[1:]))(keys) * sigma
+        if not spec.has_image:
+            return x
+        chex.assert_shape(inputs.image, (shape[0], 3, spec.height, spec.width),
+                          custom_message="inputs.image must be (B, 3, H, W)")
+        dist = self.vae.apply({"params": params["vae"]}, inputs.image * 2.0 - 1.0, method=AutoencoderKL.encode)
+        enc_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+        z = jax.vmap(_sample_latent)(dist.mean, dist.logvar, enc_keys)
+        z0 = scale_latents(z.astype(jnp.float32), self.components.vae_config)
+        t = jnp.full((shape[0],), state.timesteps[spec.start_step])
+        return self.scheduler.add_noise(z0, x, t, state)
+
+    def model_fn(self, params: Any) -> adapter.ModelFn:
+        """The UNet as ``model_fn(x, timesteps, cond) -> float32`` (:func:`perflow_jax.models.adapter.unet_fn`)."""
+        return adapter.unet_fn(self.unet, params["unet"])
+
+    def denoise(self, params: Any, spec: GenerationSpec, state: Any, latents: jax.Array, cond: UNetCondition,
+                uncond: UNetCondition | None, guidance_scale: jax.typing.ArrayLike, seed: jax.typing.ArrayLike
+                ) -> jax.Array:
+        """Run the scheduler's steps from ``spec.start_step`` on `latents` (:func:`perflow_jax.sampling.sample`):
+        with classifier-free guidance over [uncond; cond] when ``spec.use_cfg``, else the conditional model.
+        Ancestral schedulers draw step noise from ``fold_in(key(seed), 2**31)``."""
+        model = self.model_fn(params)
+        if spec.use_cfg:
+            if uncond is None:
+                raise ValueError("spec.use_cfg needs an unconditional condition (encode the negative prompt).")
+            denoiser = sampling.classifier_free_guidance(model, cond, uncond, guidance_scale)
+        else:
+            denoiser = sampling.conditional(model, cond)
+        key = jax.random.fold_in(jax.random.key(seed), STEP_NOISE_FOLD)
+        return sampling.sample(self.scheduler, state, denoiser, latents, key=key, start_step=spec.start_step)
+
+    def decode(self, params: Any, latents: jax.Array, output_type: str = "float") -> jax.Array:
+        """UNet latents → NHWC images: float32 in [0, 1], or uint8 with ``output_type="uint8"``."""
+        _check_output_type(output_type)
+        z = unscale_latents(latents, self.components.vae_config).astype(self.dtype)
+        image = self.vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode)
+        image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+        return jnp.round(image * 255).astype(jnp.uint8) if output_type == "uint8" else image
 
 
 def load_components(path_or_repo_id: str, *, base: str | None = None, delta: str | None = None,
@@ -358,11 +502,7 @@ def load_components(path_or_repo_id: str, *, base: str | None = None, delta: str
     ΔW is merged first because it is defined against the exact base weights (and checked against the whole
     UNet); LoRAs are stacked on whatever model they are loaded into.
     """
-    import os
-
     if os.path.isfile(path_or_repo_id):
-        from perflow_jax.models.single_file import load_single_file
-
         components = load_single_file(path_or_repo_id, base=base)
     else:
         if base is not None:
@@ -370,13 +510,9 @@ def load_components(path_or_repo_id: str, *, base: str | None = None, delta: str
                              "tokenizers and scheduler.")
         components = load_pipeline_components(path_or_repo_id, variant=variant, allow_pickle=allow_pickle)
     if delta is not None:
-        from perflow_jax import delta as delta_lib
-
         components.unet_params = delta_lib.merge(components.unet_params,
                                                  delta_lib.load_delta(delta, components.unet_params))
     if loras:
-        from perflow_jax.lora import load_lora, merge_loras
-
         components = merge_loras(components, [(load_lora(f), float(scale)) for f, scale in loras])
     return components
 
@@ -407,6 +543,16 @@ def _as_list(x: str | Sequence[str], what: str) -> list[str]:
     return items
 
 
+def _check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be 'uint8' or 'float', got {output_type!r}.")
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """`a` with its last row repeated up to `rows` rows (padding for the device count; trimmed after)."""
+    return np.concatenate([a, np.repeat(a[-1:], rows - len(a), axis=0)]) if rows > len(a) else a
+
+
 def _prepare_images(image: np.ndarray, n: int) -> np.ndarray:
     """NHWC uint8/float [0, 1] image(s) → (n, 3, H, W) float32 in [0, 1]."""
     img = np.asarray(image)
@@ -422,26 +568,12 @@ def _prepare_images(image: np.ndarray, n: int) -> np.ndarray:
     return img.transpose(0, 3, 1, 2)
 
 
+def _image_keys(seed: jax.typing.ArrayLike, index: jax.Array) -> jax.Array:
+    """Image i's PRNG key: ``fold_in(key(seed), i)``, whatever the batch split."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(index)
+
+
 def _sample_latent(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
     eps = jax.random.normal(key, mean.shape, jnp.float32)
     return mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * eps
-
-
-def _added_cond(ctx: dict[str, jax.Array]) -> dict[str, jax.Array] | None:
-    if "text_embeds" not in ctx:
-        return None
-    return {"text_embeds": ctx["text_embeds"], "time_ids": ctx["time_ids"]}
-
-
-def _global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global jax.Array from host data every process holds in full (works on one or many hosts)."""
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    """Gather a (possibly multi-host) sharded array to a NumPy array on every host."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)

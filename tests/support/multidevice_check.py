@@ -16,9 +16,9 @@ import sys
 def main(model: str, out: str) -> None:
     import jax
     import numpy as np
-    from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
+    from perflow_jax import enable_compilation_cache, sharding
     from perflow_jax.pipelines.stable_diffusion import StableDiffusionPipeline
 
     devices = jax.devices()
@@ -26,24 +26,23 @@ def main(model: str, out: str) -> None:
     prompts = ["a cat on the mat", "the red dog", "a dog"]
     kw = dict(num_inference_steps=4, guidance_scale=3.0, seed=0, height=32, width=32, output_type="float")
 
-    # The pipeline turns on the persistent compilation cache (PERFLOW_JAX_CACHE_DIR set by the test).
+    enable_compilation_cache()  # PERFLOW_JAX_CACHE_DIR, set by the test: its persistent cache (or off)
     multi = StableDiffusionPipeline.from_pretrained(model)
     images_4 = multi(prompts, **kw)
-    (compiled,) = multi._compiled.values()
-    (params_sh, state_sh, inputs_sh, scalars_sh), _ = compiled.input_shardings
+    ((spec, compiled),) = multi._compiled.items()
+    (params_sh, state_sh, inputs_sh, seed_sh, guidance_sh), _ = compiled.input_shardings
     facts = {
         "mesh_devices": int(multi.mesh.devices.size),
-        "padded_batch": int(next(iter(multi._compiled))[0]),
+        "padded_batch": int(spec.batch),
         "inputs": {name: {"num_devices": len(s.device_set), "spec": str(s.spec), "batch_sharded": s.spec == P("data"),
                           "shard_rows": s.shard_shape((4, 16))[0]}
-                   for name, s in inputs_sh.items()},
+                   for name, s in inputs_sh._asdict().items() if s is not None},
         "output": {"num_devices": len(compiled.output_shardings.device_set),
                    "batch_sharded": compiled.output_shardings.spec == P("data")},
         "params_replicated": all(s.is_fully_replicated for s in jax.tree_util.tree_leaves(params_sh)),
     }
 
-    single = StableDiffusionPipeline(multi.components, multi.scheduler,
-                                     mesh=Mesh(np.array(devices[:1]), ("data",)))
+    single = StableDiffusionPipeline(multi.components, multi.scheduler, mesh=sharding.data_mesh(devices[:1]))
     images_1 = single(prompts, **kw)
     facts["single_mesh_devices"] = int(single.mesh.devices.size)
     np.savez(out, four=images_4, one=images_1)
