@@ -16,7 +16,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="times the tiny preset end to end: both libraries load, compile and run")
 def test_benchmark_tiny_writes_report(tmp_path):
     out, docs = tmp_path / "out", tmp_path / "docs"
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--preset", "tiny", "--steps", "2",

@@ -69,6 +69,7 @@ def test_small_feature_maps_avoid_the_xla_cpu_convolution(hw, cin, expect_native
     assert ("convolution(" in hlo) == expect_native
 
 
+@pytest.mark.slow(reason="compiles the same UNet under both conv lowerings")
 def test_unet_is_the_same_with_either_lowering(monkeypatch):
     """A UNet whose bottom level runs at 2×2 gives the same output with im2col everywhere or nowhere (the
     native path is the one checked against PyTorch in test_unet.py)."""

@@ -127,6 +127,7 @@ def _check(folder: str, files_scales: list[tuple[str, float]]) -> dict[str, floa
     return torch_vs_flax_outputs(pipe, merged, seed=3)
 
 
+@pytest.mark.slow(reason="builds PEFT LoRAs on tiny SD1 and SDXL PyTorch models and runs both sides")
 def test_diffusers_peft_layout(folders, tmp_path) -> None:
     path = write_peft(folders["sd15"], str(tmp_path))
     lora = load_lora(path)

@@ -13,6 +13,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 from tests.support.tiny_sd import make_tiny_pipeline
@@ -20,6 +21,7 @@ from tests.support.tiny_sd import make_tiny_pipeline
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow(reason="a subprocess with 4 forced devices compiles the pipeline for 4 and for 1 device")
 def test_four_devices_equal_one_device(tmp_path) -> None:
     """3 images (seed 0, CFG, PeRFlow 4 steps) on a 4-device ("data",) mesh vs a 1-device mesh.
 

@@ -4,6 +4,7 @@ bit-identical resume, 4-device data parallel = 1 device) and config errors."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -208,6 +209,7 @@ def _tiny_setup(tmp_path, name, *overrides):
 
 
 def test_student_fn_is_unet_apply():
+    """The trainer's student fn is the shared adapter (bit for bit; each side jitted, as the trainer runs it)."""
     params = init_unet_params(TINY, jax.random.key(1))
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((3, 1, 8, 8)), jnp.float32)
@@ -215,13 +217,15 @@ def test_student_fn_is_unet_apply():
     labels = jnp.asarray([1, 7, 10], jnp.int32)
     ctx = jnp.asarray(rng.standard_normal((3, 2, TINY.cross_attention_dim)), jnp.float32)
     module = UNet2DConditionModel(TINY)
-    student = train_lib.make_apply_fn(TINY, jnp.float32)
+    student = jax.jit(train_lib.make_apply_fn(TINY, jnp.float32))
+    adapter = jax.jit(functools.partial(unet_apply, module))
     for cond in (UNetCondition(class_labels=labels), UNetCondition(encoder_hidden_states=ctx, class_labels=labels)):
         got = student(params, x, t, cond)
         assert got.dtype == jnp.float32
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(unet_apply(module, params, x, t, cond)))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(adapter(params, x, t, cond)))
     # No text: one zero token, as the trainer's own condition handling did before the adapter.
-    zero_token = module.apply({"params": params}, x, t, jnp.zeros((3, 1, TINY.encoder_dim)), class_labels=labels)
+    zero_token = jax.jit(lambda p: module.apply({"params": p}, x, t, jnp.zeros((3, 1, TINY.encoder_dim)),
+                                                class_labels=labels))(params)
     np.testing.assert_array_equal(np.asarray(student(params, x, t, UNetCondition(class_labels=labels))),
                                   np.asarray(zero_token))
 
@@ -245,6 +249,7 @@ def test_array_dataset_conditions():
         train_lib.ArrayDataset(x, {"labels": np.arange(4)}, {"labels": np.int32(10)})
 
 
+@pytest.mark.slow(reason="40 optimizer steps of the tiny UNet, enough for the loss to fall")
 def test_training_lowers_loss(tmp_path):
     cfg, ds, teacher = _tiny_setup(tmp_path, "run", "train.steps=40", "train.checkpoint_every=100",
                                    "train.learning_rate=1e-2", "train.grad_clip=100.0", "train.ema_decay=0.0")
@@ -264,6 +269,7 @@ def test_training_lowers_loss(tmp_path):
     assert all(json.loads(line)["loss"] > 0 for line in open(tmp_path / "run" / "metrics.jsonl"))
 
 
+@pytest.mark.slow(reason="a run killed mid-way and resumed, against an uninterrupted one")
 def test_kill_and_resume_is_bit_identical(tmp_path):
     common_ov = ("train.steps=6", "train.checkpoint_every=3", "train.grad_accum=2")
     cfg, ds, teacher = _tiny_setup(tmp_path, "straight", *common_ov)
@@ -298,6 +304,7 @@ _DP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow(reason="a 4-device subprocess run against a 1-device run, each compiling the train step")
 def test_four_device_data_parallel_equals_one_device(tmp_path):
     outs = {}
     for n in (1, 4):
