@@ -14,6 +14,10 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -26,6 +30,13 @@ def _positive_int(text: str) -> int:
     v = int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _seed(text: str) -> int:
+    v = int(text)
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {v}")
     return v
 
 
@@ -59,18 +70,21 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the family's)")
     s.add_argument("--num-images", type=_positive_int, default=4, help="images per prompt")
     s.add_argument("--batch-size", type=_positive_int, default=None,
-                   help="images per compiled call (default: all); batch b uses seed + b")
-    s.add_argument("--seed", type=int, default=0)
+                   help="images per compiled call; batch b uses seed + b. Default: as many as fit the memory "
+                        "estimate (docs/pipelines.md), the images then independent of the split")
+    s.add_argument("--seed", type=_seed, default=0, help="random seed in [0, 2**32)")
     s.add_argument("--height", type=int, default=None)
     s.add_argument("--width", type=int, default=None)
-    s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="params and activations (default fp32)")
     s.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     s.add_argument("--scheduler", default=None,
                    help="perflow (default; ddim for digits-teacher) or another registered scheduler")
     s.add_argument("--init-image", default=None, help="img2img: an RGB image file")
-    s.add_argument("--strength", type=float, default=0.6, help="img2img strength in (0, 1]")
+    s.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.6)")
     s.add_argument("--decode-chunk-size", type=_positive_int, default=None, help="VAE decode chunk (memory)")
-    s.add_argument("--out", required=True, help="output folder for PNGs and grid.png")
+    s.add_argument("--out", required=True,
+                   help="output folder for PNGs and grid.png; a rerun replaces the images perflow-jax wrote there "
+                        "and touches no other file")
 
     c = sub.add_parser("convert", help="convert a PyTorch diffusers folder to Flax checkpoints")
     c.add_argument("src", help="pipeline folder (model_index.json), one model folder, a cached repo id, or a "
@@ -84,7 +98,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA after ΔW; repeatable")
     c.add_argument("--variant", default=None, help="read this weights variant, e.g. fp16")
-    c.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace dst if it is an empty folder or one perflow-jax wrote (never anything else)")
 
     sub.add_parser("bench", help="benchmark vs PyTorch diffusers (scripts/benchmark.py; arguments passed on)",
                    add_help=False)
@@ -102,29 +117,66 @@ def _cmd_sample_digits(args: argparse.Namespace) -> None:
     """The built-in class-conditional digits model: each prompt is a digit; images are 8×8, saved ×8."""
     import numpy as np
 
-    from perflow_jax.images import save_batch
-    from perflow_jax.pipelines.digits import DigitsPipeline, save_grid
+    from perflow_jax.images import GRID, GRID_MAX_IMAGES, OutputFolder
+    from perflow_jax.pipelines.digits import DEFAULT_MAX_BATCH, DigitsPipeline, save_grid
 
     if args.delta or args.lora or args.base or args.init_image:
         raise CLIError("--delta, --lora, --base and --init-image apply to Stable Diffusion models, not 'digits'.")
+    unused = [flag for flag, value in (("--negative-prompt", args.negative_prompt), ("--height", args.height),
+                                       ("--width", args.width), ("--dtype", args.dtype), ("--variant", args.variant),
+                                       ("--strength", args.strength), ("--decode-chunk-size", args.decode_chunk_size))
+              if value is not None]
+    if unused:
+        raise CLIError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by the built-in digits "
+                       "model (8×8 float32 images, prompts are digits 0-9); leave "
+                       f"{'it' if len(unused) == 1 else 'them'} out.")
     labels = []
     for p in args.prompt:
         if not (p.isdigit() and len(p) == 1):
             raise CLIError(f"the digits model takes digits 0-9 as prompts, got {p!r}.")
         labels += [int(p)] * args.num_images
+    n = len(labels)
+    out = OutputFolder(args.out, n)  # checked before any work
     pipe = DigitsPipeline.from_builtin(DIGITS_MODELS[args.model])
-    kw = dict(num_inference_steps=args.steps or 4, guidance_scale=args.guidance, seed=args.seed,
-              scheduler=args.scheduler)
+    kw = dict(num_inference_steps=args.steps or 4, guidance_scale=args.guidance, scheduler=args.scheduler)
+    bs = args.batch_size or DEFAULT_MAX_BATCH
+    batches = range(0, n, bs)
+    # Compile every batch size the run uses (the first batch, and a smaller last one), then time the run.
     t0 = time.perf_counter()
-    pipe(labels, **kw)
-    t1 = time.perf_counter()
-    images = pipe(labels, **kw)
-    t2 = time.perf_counter()
-    save_batch(np.kron(images, np.ones((1, 8, 8), np.uint8)), args.out)  # 8×8 digits are too small to see
-    grid = save_grid(images, os.path.join(args.out, "grid.png"), ncol=args.num_images if len(args.prompt) > 1 else None)
+    warm = sorted({min(bs, n - start) for start in (batches[0], batches[-1])})
+    for size in warm:
+        pipe(labels[:size], seed=args.seed, **kw)
+    warm_s, run_s, grid_images, first_runs = time.perf_counter() - t0, 0.0, [], {}
+    for b, start in enumerate(batches):
+        t1 = time.perf_counter()
+        images = pipe(labels[start:start + bs], seed=(args.seed + b) % 2**32, **kw)
+        dt = time.perf_counter() - t1
+        run_s += dt
+        first_runs.setdefault(len(images), dt)
+        out.save(np.kron(images, np.ones((1, 8, 8), np.uint8)), start)  # 8×8 digits are too small to see
+        grid_images.extend(images[:GRID_MAX_IMAGES - len(grid_images)])
+    grid_images = np.stack(grid_images)
+    ncol = min(args.num_images, len(grid_images)) if len(args.prompt) > 1 else None
+    grid = save_grid(grid_images, out.extra_path(GRID), ncol=ncol)
+    out.finish()
+    batched = f" in {len(batches)} batches" if len(batches) > 1 else ""
     print(f"{args.model} ({pipe.default_scheduler if args.scheduler is None else args.scheduler}, "
-          f"{kw['num_inference_steps']} steps): compile {max(t1 - t0 - (t2 - t1), 0.0):.2f}s, run {t2 - t1:.3f}s "
-          f"for {len(images)} images; wrote {len(images)} PNGs and {grid}")
+          f"{kw['num_inference_steps']} steps): compile {max(warm_s - sum(first_runs.values()), 0.0):.2f}s, "
+          f"run {run_s:.3f}s for {n} images{batched}; wrote {n} PNGs and {grid}")
+
+
+def _read_init_image(path: str) -> np.ndarray:
+    """An RGB image file as (H, W, 3) uint8; a missing or unreadable file is a CLIError."""
+    import numpy as np
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise CLIError(f"--init-image {path!r} does not exist.")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise CLIError(f"--init-image {path!r} is not an image file PIL can read ({type(e).__name__}: {e}).") from e
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -134,52 +186,66 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from perflow_jax.images import make_grid, save_batch, save_png
+    from perflow_jax.images import GRID, GRID_MAX_IMAGES, OutputFolder, make_grid, save_png
     from perflow_jax.pipelines import StableDiffusionPipeline
 
+    n = len(args.prompt) * args.num_images
+    out = OutputFolder(args.out, n)  # checked before any work
     init_image = None
+    strength = 0.6 if args.strength is None else args.strength
     if args.init_image is not None:
-        from PIL import Image
-
-        if not os.path.isfile(args.init_image):
-            raise CLIError(f"--init-image {args.init_image!r} does not exist.")
-        init_image = np.asarray(Image.open(args.init_image).convert("RGB"))
-        if not 0.0 < args.strength <= 1.0:
-            raise CLIError(f"--strength must be in (0, 1], got {args.strength}.")
+        if not 0.0 < strength <= 1.0:
+            raise CLIError(f"--strength must be in (0, 1], got {strength}.")
+        init_image = _read_init_image(args.init_image)
+    elif args.strength is not None:
+        raise CLIError("--strength applies to img2img only; pass --init-image too, or leave --strength out.")
     t0 = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(
         args.model, base=args.base, delta=args.delta, loras=args.lora, scheduler=args.scheduler or "perflow",
-        dtype=getattr(jnp, DTYPES[args.dtype]), variant=args.variant, decode_chunk_size=args.decode_chunk_size)
+        dtype=getattr(jnp, DTYPES[args.dtype or "fp32"]), variant=args.variant,
+        decode_chunk_size=args.decode_chunk_size)
     print(f"loaded {args.model} ({pipe.family}, scheduler {pipe.scheduler.name}) in {time.perf_counter() - t0:.1f}s")
 
-    prompts = [p for p in args.prompt for _ in range(args.num_images)]
-    bs = args.batch_size or len(prompts)
-    all_images, compile_s, run_s = [], 0.0, 0.0
-    batches = range(0, len(prompts), bs)
+    # With --batch-size, batch b uses seed + b (as always). By default the batches hold what fits the memory
+    # estimate, and image i of the run is image i of one big call (same seed, first_index = i), whatever the split.
+    explicit = args.batch_size is not None
+    size = init_image.shape[:2] if init_image is not None else (args.height, args.width)
+    bs = args.batch_size if explicit else pipe.default_batch_size(*size)
+    grid_images, compile_s, run_s = [], 0.0, 0.0
+    batches = range(0, n, bs)
     for b, start in enumerate(tqdm(batches, desc="batches", disable=len(batches) == 1)):
+        chunk = [args.prompt[i // args.num_images] for i in range(start, min(start + bs, n))]
+        seed, first = ((args.seed + b) % 2**32, 0) if explicit else (args.seed, start)
         kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, seed=args.seed + b)
-        chunk = prompts[start:start + bs]
+                  guidance_scale=args.guidance, seed=seed, first_index=first)
         if init_image is not None:
-            images = pipe.img2img(chunk, init_image, strength=args.strength, **kw)
+            images = pipe.img2img(chunk, init_image, strength=strength, **kw)
         else:
             images = pipe(chunk, height=args.height, width=args.width, **kw)
         compile_s += pipe.stats.compile_seconds
         run_s += pipe.stats.run_seconds
-        save_batch(images, args.out, start=start)
-        all_images.append(images)
-    images = np.concatenate(all_images)
-    grid = save_png(make_grid(images, ncols=args.num_images if len(args.prompt) > 1 else None),
-                    os.path.join(args.out, "grid.png"))
-    print(f"compile {compile_s:.2f}s, run {run_s:.2f}s for {len(images)} images "
-          f"({len(images) / max(run_s, 1e-9):.2f} images/s); wrote {len(images)} PNGs and {grid}")
+        out.save(images, start)
+        grid_images.extend(images[:GRID_MAX_IMAGES - len(grid_images)])
+    grid_images = np.stack(grid_images)
+    ncols = min(args.num_images, len(grid_images)) if len(args.prompt) > 1 else None
+    grid = save_png(make_grid(grid_images, ncols=ncols), out.extra_path(GRID))
+    out.finish()
+    batched = f" in {len(batches)} batches of up to {bs}" if len(batches) > 1 else ""
+    print(f"compile {compile_s:.2f}s, run {run_s:.2f}s for {n} images{batched} "
+          f"({n / max(run_s, 1e-9):.2f} images/s); wrote {n} PNGs and {grid}")
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
     from perflow_jax import delta
+    from perflow_jax.io import check_destination
     from perflow_jax.models.components import convert_to_flax
+
+    # Before any work: dst may not be, contain or lie inside the source, nor be or contain another input, and
+    # --overwrite replaces only an empty folder or one perflow-jax wrote.
+    inputs = [args.base, args.delta, *(f for f, _ in args.lora)]
+    check_destination(args.dst, [args.src], inputs=inputs, overwrite=args.overwrite, flag="--overwrite")
 
     dtype = getattr(jnp, DTYPES[args.dtype]) if args.dtype else None
     if args.to == "flax" and not args.lora and not os.path.isfile(args.src):
@@ -235,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     enable_compilation_cache(enable=not args.no_cache)  # the one place the CLI turns the persistent cache on
     try:
         {"sample": _cmd_sample, "convert": _cmd_convert, "train": _cmd_train}[args.command](args)
-    except (CLIError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (CLIError, OSError, ValueError) as e:  # OSError: missing, unreadable or unwritable files and folders
         print(f"perflow-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

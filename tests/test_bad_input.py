@@ -102,9 +102,292 @@ def run_row(row: Row, work: Path, tiny: Path, capsys: pytest.CaptureFixture[str]
 # ----------------------------------------------------------------------------------------------------------
 
 # Files, folders and the CLI: data loss, --out, temp files, modes, tracebacks turned into one-line errors.
+
+
+def _files(files: dict[str, str]) -> Callable[[Path, Path], None]:
+    """A setup writing text files under the work folder: ``{"a/b.txt": "text"}``."""
+    def setup(work: Path, tiny: Path) -> None:
+        for name, text in files.items():
+            path = work / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    return setup
+
+
+def _model_beside_keep(work: Path, tiny: Path) -> None:
+    """The issue's repro: ``p/sd`` a model folder with the user's ``p/keep.txt`` beside it."""
+    shutil.copytree(tiny, work / "p" / "sd")
+    (work / "p" / "keep.txt").write_text("hi")
+    (work / "p" / "delta.safetensors").write_text("not read")
+
+
+def _api_convert_into_parent(work: Path, tiny: Path) -> None:
+    from perflow_jax.models.components import convert_to_flax
+
+    convert_to_flax(work / "p" / "sd", work / "p", overwrite=True, progress=False)
+
+
+def _api_save_pipeline_into_parent(work: Path, tiny: Path) -> None:
+    from perflow_jax.models.components import load_pipeline_components
+    from perflow_jax.models.export import save_pipeline
+
+    save_pipeline(load_pipeline_components(work / "p" / "sd"), work / "p", overwrite=True)
+
+
+def _api_write_json_nan(work: Path, tiny: Path) -> None:
+    from perflow_jax.io import write_json
+
+    write_json(work / "out" / "scheduler_config.json", {"beta_start": 0.1, "betas": [1.0, float("nan")]})
+
+
+_SD = ("sample", "--model", "{tiny}", "--prompt", "x")
+_DIGITS = ("sample", "--model", "digits", "--prompt", "1")
+
 FILE_ROWS: list[Row] = [
     Row("convert-missing-source", r"is neither an existing file or folder", argv=("convert", "{w}/nope", "{out}")),
+    # 1. Data loss: a destination that is, contains or lies inside an input is refused up front, even with
+    # --overwrite; --overwrite replaces only an empty folder or one perflow-jax wrote.
+    Row("convert-dst-is-src", r"is the source", argv=("convert", "{w}/p/sd", "{w}/p/sd", "--overwrite"),
+        setup=_model_beside_keep),
+    Row("convert-dst-parent-of-src", r"contains the source .*choose another destination",
+        argv=("convert", "{w}/p/sd", "{w}/p", "--overwrite"), setup=_model_beside_keep),
+    Row("convert-dst-inside-src", r"lies inside the source", argv=("convert", "{w}/p/sd", "{w}/p/sd/flax"),
+        setup=_model_beside_keep),
+    Row("convert-dst-contains-delta", r"contains the source .*delta\.safetensors",
+        argv=("convert", "{tiny}", "{w}/p", "--delta", "{w}/p/delta.safetensors", "--overwrite"),
+        setup=_model_beside_keep),
+    Row("convert-overwrite-foreign-folder", r"holds files perflow-jax did not write \('keep\.txt'\); --overwrite",
+        argv=("convert", "{tiny}", "{w}/dst", "--overwrite"), setup=_files({"dst/keep.txt": "mine"})),
+    Row("convert-overwrite-file", r"is an existing file, not a folder",
+        argv=("convert", "{tiny}", "{w}/dst.txt", "--overwrite"), setup=_files({"dst.txt": "mine"})),
+    Row("convert-dst-under-file", r"is a file, not a folder", argv=("convert", "{tiny}", "{w}/f/sub"),
+        setup=_files({"f": "a file"})),
+    Row("convert-empty-dst", r"empty path", argv=("convert", "{tiny}", "")),
+    Row("api-convert-into-parent", r"contains the source", call=_api_convert_into_parent, setup=_model_beside_keep),
+    Row("api-save-pipeline-into-parent", r"contains the source", call=_api_save_pipeline_into_parent,
+        setup=_model_beside_keep),
+    # 2. --out is checked before any work (before the model loads); nothing is written.
+    Row("out-empty", r"--out is empty", argv=(*_SD, "--out", "")),
+    Row("out-empty-digits", r"--out is empty", argv=(*_DIGITS, "--out", "")),
+    Row("out-is-file", r"--out .* is a file, not a folder", argv=(*_SD, "--out", "{w}/f"), setup=_files({"f": "x"})),
+    Row("out-under-file", r"--out .* lies under .*which is a file", argv=(*_DIGITS, "--out", "{w}/f/o"),
+        setup=_files({"f": "x"})),
+    Row("out-holds-foreign-image", r"already holds 'image_0000\.png', which perflow-jax did not write",
+        argv=(*_DIGITS, "--out", "{w}/o"), setup=_files({"o/image_0000.png": "mine"})),
+    Row("out-foreign-manifest", r"holds a \.perflow-jax-manifest\.json that perflow-jax did not write",
+        argv=(*_DIGITS, "--out", "{w}/o"), setup=_files({"o/.perflow-jax-manifest.json": "[]"})),
+    # 3. Tracebacks that are now one-line errors.
+    Row("digits-seed-negative", r"--seed: must be an integer in \[0, 2\*\*32\)",
+        argv=(*_DIGITS, "--seed", "-1", "--out", "{out}")),
+    Row("sd-seed-too-large", r"--seed: must be an integer in \[0, 2\*\*32\)",
+        argv=(*_SD, "--seed", str(2**32), "--out", "{out}")),
+    Row("init-image-not-an-image", r"--init-image .*img\.png' is not an image file PIL can read",
+        argv=(*_SD, "--init-image", "{w}/img.png", "--out", "{out}"), setup=_files({"img.png": "not a png"})),
+    Row("config-json-list", r"config\.json' holds a JSON list; expected a JSON object",
+        argv=("convert", "{w}/unet", "{out}"), setup=_files({"unet/config.json": "[1, 2]"})),
+    Row("config-json-invalid-names-file", r"unet/config\.json' is not valid JSON",
+        argv=("convert", "{w}/unet", "{out}"), setup=_files({"unet/config.json": "{oops"})),
+    Row("model-index-list", r"model_index\.json' holds a JSON list; expected a JSON object",
+        argv=("sample", "--model", "{w}/m", "--prompt", "x", "--out", "{out}"),
+        setup=_files({"m/model_index.json": "[]"})),
+    # 7. Smaller: the CLI names --overwrite; NaN is never written into JSON; digits refuses options it ignored.
+    Row("convert-exists-says-overwrite-flag", r"already exists; choose another destination or pass --overwrite",
+        argv=("convert", "{tiny}", "{w}/dst"), setup=_files({"dst/a": "x"})),
+    Row("write-json-nan", r"betas\[1\] is not a finite number", call=_api_write_json_nan),
+    Row("digits-height", r"--height is not used by the built-in digits model",
+        argv=(*_DIGITS, "--height", "8", "--out", "{out}")),
+    Row("digits-dtype-negative-prompt", r"--negative-prompt, --dtype are not used by the built-in digits model",
+        argv=(*_DIGITS, "--dtype", "bf16", "--negative-prompt", "2", "--out", "{out}")),
+    Row("sd-strength-without-init-image", r"--strength applies to img2img only",
+        argv=(*_SD, "--strength", "0.5", "--out", "{out}")),
 ]
+
+# Files, folders and the CLI: the behaviours (not errors) of the area.
+
+
+def test_files_out_not_writable(tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture[str],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """2. A read-only --out folder is refused before the model loads."""
+    work = tmp_path / "w"
+    ro = work / "ro"
+
+    def setup(w: Path, t: Path) -> None:
+        ro.mkdir(parents=True)
+        ro.chmod(0o555)
+
+    if os.geteuid() == 0:  # root may write anywhere: stand in for the kernel's answer to a non-root user
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro else real_access(p, mode, **kw))
+    try:
+        run_row(Row("out-read-only", r"--out .*ro/o'.* is not writable", argv=(*_DIGITS, "--out", "{w}/ro/o"),
+                    setup=setup), work, tiny, capsys)
+    finally:
+        ro.chmod(0o755)
+
+
+def test_files_rerun_replaces_only_own_images(tmp_path: Path) -> None:
+    """2, 9. A rerun into the same folder replaces the images the last run wrote (none stale when it writes
+    fewer) and touches no other file; a run killed midway is still cleaned up by the next one."""
+    import numpy as np
+
+    from perflow_jax.images import GRID, OutputFolder, save_png
+    from perflow_jax.io import MANIFEST
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "image_0007.png").write_text("mine too: beyond this run's names")
+    imgs = np.zeros((6, 4, 4), np.uint8)
+
+    def run(n: int, finish: bool = True) -> list[str]:
+        f = OutputFolder(out, n)
+        f.save(imgs[:n])
+        save_png(imgs[0], f.extra_path(GRID))
+        if finish:
+            f.finish()
+        return sorted(os.listdir(out))
+
+    mine = ["image_0007.png", "notes.txt"]
+    assert run(3) == sorted([MANIFEST, GRID, "image_0000.png", "image_0001.png", "image_0002.png", *mine])
+    assert run(3) == sorted([MANIFEST, GRID, "image_0000.png", "image_0001.png", "image_0002.png", *mine])
+    assert run(1) == sorted([MANIFEST, GRID, "image_0000.png", *mine])
+    run(5, finish=False)  # killed before it finished: its manifest already lists all five
+    assert run(2) == sorted([MANIFEST, GRID, "image_0000.png", "image_0001.png", *mine])
+    assert (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(FileExistsError, match="image_0007.png"):  # a run of 8 would replace the user's file
+        OutputFolder(out, 8)
+
+
+def test_files_modes_follow_umask(tmp_path: Path, tiny: Path) -> None:
+    """5. Converted folders, PNGs and JSON get the process umask's modes (0644 / 0755 under umask 022)."""
+    import numpy as np
+
+    from perflow_jax.images import save_png
+    from perflow_jax.io import write_json
+    from perflow_jax.models.components import convert_to_flax
+
+    old = os.umask(0o022)
+    try:
+        convert_to_flax(tiny, tmp_path / "flax", progress=False)
+        save_png(np.zeros((2, 2), np.uint8), tmp_path / "png" / "a.png")
+        write_json(tmp_path / "json" / "c.json", {"a": 1})
+    finally:
+        os.umask(old)
+    seen = 0
+    for sub in ("flax", "png", "json"):
+        for root, _dirs, files in os.walk(tmp_path / sub):
+            assert os.stat(root).st_mode & 0o777 == 0o755, root
+            for name in files:
+                assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o644, os.path.join(root, name)
+                seen += 1
+    assert seen > 10
+
+
+def test_files_stale_temps_of_dead_processes_removed(tmp_path: Path, tiny: Path) -> None:
+    """6. A later write into a folder removes the temps of dead processes of this host, and only those."""
+    import subprocess
+    import sys
+
+    from perflow_jax import io
+    from perflow_jax.models.components import convert_to_flax
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host, parent = io._host(), tmp_path / "models"
+    stale_dir = parent / f".vae_flax.tmp-{host}-{dead.pid}-0123abcd"
+    stale_file = parent / f".image_0000.png.tmp-{host}-{dead.pid}-89abcdef"
+    live = parent / f".vae_flax.tmp-{host}-{os.getpid()}-0123abce"
+    other_host = parent / f".vae_flax.tmp-other-host.example-{dead.pid}-0123abcf"
+    not_ours = parent / ".vae_flax.k2j3h4x"
+    for d in (stale_dir, live, other_host, not_ours):
+        (d / "unet").mkdir(parents=True)
+        (d / "unet" / "flax_model.msgpack").write_text("partial")
+    stale_file.write_text("partial")
+    convert_to_flax(tiny / "vae", parent / "vae_flax", progress=False)
+    assert sorted(p.name for p in parent.iterdir()) == sorted([live.name, other_host.name, not_ours.name, "vae_flax"])
+    assert (live / "unet" / "flax_model.msgpack").read_text() == "partial"
+
+
+def test_files_overwrite_replaces_only_own_model_folder(tmp_path: Path, tiny: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """1. --overwrite replaces a folder perflow-jax wrote, or an empty one; a user's file added to it stops it."""
+    dst = tmp_path / "vae_flax"
+    argv = ["--no-cache", "convert", str(tiny / "vae"), str(dst)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0, capsys.readouterr().err
+    (dst / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 2
+    assert "holds files perflow-jax did not write ('notes.txt')" in capsys.readouterr().err
+    assert (dst / "notes.txt").read_text() == "mine" and (dst / "flax_model.msgpack").is_file()
+    (tmp_path / "empty").mkdir()
+    assert main(["--no-cache", "convert", str(tiny / "vae"), str(tmp_path / "empty"), "--overwrite"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["empty", "vae_flax"]  # no temp left behind
+
+
+def test_files_huge_num_images_runs_in_batches(tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4. --num-images 10000000 is generated batch by batch (default batch from the memory estimate), never in
+    one allocation; image i keeps its index in the run (first_index), so the split does not change the images."""
+    import numpy as np
+
+    from perflow_jax.pipelines import digits
+    from perflow_jax.pipelines import stable_diffusion as sd
+
+    class Stop(Exception):
+        pass
+
+    calls: list[tuple[int, int, int]] = []
+
+    def generate(self, request):  # noqa: ANN001, ANN202
+        calls.append((request.spec.batch, request.num_images, int(np.asarray(request.inputs.index)[0])))
+        if len(calls) == 3:
+            raise Stop
+        return np.zeros((request.num_images, 32, 32, 3), np.uint8)
+
+    monkeypatch.setattr(sd.StableDiffusionPipeline, "generate", generate)
+    monkeypatch.setattr(sd, "DEFAULT_BATCH_MEMORY", 1)  # one image per batch
+    with pytest.raises(Stop):
+        main(["--no-cache", *(a.format(tiny=tiny) for a in _SD), "--num-images", "10000000", "--height", "32",
+              "--width", "32", "--out", str(tmp_path / "o")])
+    assert calls == [(1, 1, 0), (1, 1, 1), (1, 1, 2)]
+
+    sizes: list[int] = []
+
+    def call(self, labels, **kw):  # noqa: ANN001, ANN003, ANN202
+        sizes.append(len(labels))
+        if len(sizes) == 3:
+            raise Stop
+        return np.zeros((len(labels), 8, 8), np.uint8)
+
+    monkeypatch.setattr(digits.DigitsPipeline, "__call__", call)
+    monkeypatch.setattr(digits.DigitsPipeline, "from_builtin", classmethod(lambda cls, which: cls(None, {})))
+    with pytest.raises(Stop):
+        main(["--no-cache", *_DIGITS, "--num-images", "10000000", "--out", str(tmp_path / "d")])
+    big = digits.DEFAULT_MAX_BATCH
+    assert sizes == [10_000_000 % big, big, big]  # compile both batch sizes, then run the first batch
+
+
+def test_files_memory_estimate_is_the_stated_one() -> None:
+    """4. The per-image memory estimate behind the default --batch-size is the one documented."""
+    from types import SimpleNamespace
+
+    from perflow_jax import sharding
+    from perflow_jax.models.unet import UNetConfig
+    from perflow_jax.models.vae import VAEConfig
+    from perflow_jax.pipelines import StableDiffusionPipeline
+
+    configs = Path(__file__).resolve().parent.parent / "perflow_jax" / "models" / "configs"
+    for family, size, gib in (("sd15", 512, 1.46875), ("sd15", 768, 6.1171875), ("sdxl", 1024, 3.5)):
+        fake = SimpleNamespace(
+            components=SimpleNamespace(unet_config=UNetConfig.from_json(configs / family / "unet.json"),
+                                       vae_config=VAEConfig.from_json(configs / family / "vae.json")),
+            vae_scale_factor=8, unet=SimpleNamespace(attention_chunk_size=None), mesh=sharding.data_mesh(),
+            _check_size=lambda h, w: (h, w))
+        fake.estimate_image_bytes = lambda h, w, fake=fake: StableDiffusionPipeline.estimate_image_bytes(fake, h, w)
+        assert StableDiffusionPipeline.estimate_image_bytes(fake, size, size) == gib * 2**30
+        per_device = max(1, int(8 // gib))  # the 8 GiB default budget where JAX reports no device memory
+        assert StableDiffusionPipeline.default_batch_size(fake, size, size) == per_device * fake.mesh.size
+
 
 # Numbers and values: non-finite or wrongly typed numbers refused where they enter; PeRFlow step limits.
 NUMBER_ROWS: list[Row] = [

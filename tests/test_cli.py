@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from perflow_jax import delta as delta_lib
 from perflow_jax.cli import main
+from perflow_jax.io import MANIFEST
 from perflow_jax.models.components import load_pipeline_components
 from perflow_jax.pipelines import load_components
 from tests.support.tiny_sd import make_tiny_pipeline
@@ -42,7 +43,7 @@ def test_sample_writes_pngs_and_grid(tiny, tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "compile" in printed and "run" in printed and "4 images" in printed
     names = sorted(os.listdir(out))
-    assert names == ["grid.png", "image_0000.png", "image_0001.png", "image_0002.png", "image_0003.png"]
+    assert names == [MANIFEST, "grid.png", "image_0000.png", "image_0001.png", "image_0002.png", "image_0003.png"]
     img = np.asarray(Image.open(out / "image_0000.png"))
     assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and img.std() > 0
     assert np.asarray(Image.open(out / "grid.png")).shape[:2] == (2 + 2 * 34, 2 + 2 * 34)
@@ -80,3 +81,36 @@ def test_errors_are_one_line_exit_2(tiny, tmp_path, capsys, argv, message) -> No
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("perflow-jax") and message in err and "\n" not in err
+
+
+def test_default_batches_do_not_change_the_images(tiny, tmp_path, capsys, monkeypatch) -> None:
+    """Without --batch-size, a run split into batches by the memory estimate gives the images of one call:
+    image i keeps its index in the run (first_index), so its noise does not depend on the split."""
+    from perflow_jax.pipelines import stable_diffusion as sd
+
+    argv = ["sample", "--model", str(tiny / "sd"), "--prompt", "a cat", "--num-images", "2", "--steps", "4",
+            "--height", "32", "--width", "32", "--seed", "3"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    assert " batches of " not in capsys.readouterr().out
+    monkeypatch.setattr(sd, "DEFAULT_BATCH_MEMORY", 1)  # the estimate now fits one image per call
+    assert main([*argv, "--out", str(tmp_path / "split")]) == 0
+    assert "in 2 batches of up to 1" in capsys.readouterr().out
+    for name in ("image_0000.png", "image_0001.png"):
+        a, b = (np.asarray(Image.open(tmp_path / d / name), np.int16) for d in ("one", "split"))
+        assert np.abs(a - b).max() <= 1, name  # batch 1 vs 2 programs: float rounding at most
+
+
+def test_digits_twice_into_the_same_out(tmp_path, capsys) -> None:
+    """`bash scripts/run.sh` twice in a row: the second run replaces the first run's images; a smaller rerun
+    leaves none of them behind; the user's own files are never touched."""
+    out = tmp_path / "digits"
+    argv = ["sample", "--model", "digits", "--prompt", "0", "1", "--num-images", "2", "--steps", "4", "--out", str(out)]
+    assert main(argv) == 0
+    (out / "notes.txt").write_text("mine")
+    first = {n: (out / n).read_bytes() for n in os.listdir(out) if n.endswith(".png")}
+    assert main(argv) == 0
+    assert {n: (out / n).read_bytes() for n in os.listdir(out) if n.endswith(".png")} == first
+    assert main([*argv[:5], *argv[6:]]) == 0  # prompt "0" only: 2 images instead of 4
+    assert sorted(os.listdir(out)) == [MANIFEST, "grid.png", "image_0000.png", "image_0001.png", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
+    capsys.readouterr()

@@ -138,8 +138,8 @@ def test_convert_cli_round_trip(tmp_path, capsys) -> None:
     assert cli_main(["--no-cache", "convert", str(src), str(tmp_path / "flax"), "--delta", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "converted unet, vae, text_encoder" in out
-    assert sorted(os.listdir(tmp_path / "flax")) == ["model_index.json", "scheduler", "text_encoder", "tokenizer",
-                                                     "unet", "vae"]
+    assert sorted(os.listdir(tmp_path / "flax")) == [".perflow-jax-manifest.json", "model_index.json", "scheduler",
+                                                     "text_encoder", "tokenizer", "unet", "vae"]
     assert os.path.isfile(tmp_path / "flax" / "unet" / "flax_model.msgpack")
     _, flax_unet = load_unet(tmp_path / "flax" / "unet")
     merged = delta_lib.merge(unet_params, delta_lib.load_delta(tmp_path, unet_params))

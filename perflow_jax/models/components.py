@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from perflow_jax.hub import resolve_model_path
-from perflow_jax.io import atomic_dir
+from perflow_jax.io import atomic_dir, check_destination, copy_file, copy_tree
 from perflow_jax.models.clip import CLIPTextConfig, load_clip_text_model
 from perflow_jax.models.config_io import CONFIG_NAME, read_config_json, read_json
 from perflow_jax.models.unet import UNetConfig, load_unet
@@ -161,13 +160,16 @@ def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: An
     checkpoints). Tokenizers, scheduler and model_index.json are copied. `unet_transform` maps the UNet's
     params before they are written, e.g. ``perflow_jax.delta.merger(path)`` merges a PeRFlow ΔW. The result
     is built in a temp folder and renamed into place, so `dst` is never half-written.
+
+    `dst` is checked before any work (:func:`perflow_jax.io.check_destination`): it may not be, contain or lie
+    inside `src`, and `overwrite` replaces only an empty folder or one perflow-jax wrote (its manifest lists
+    every file in it), never anything else. Files get the process umask's modes.
     Returns ``{"components": [...], "seconds": ...}``.
     """
     t0 = time.perf_counter()
     root = resolve_model_path(src)
     dst = os.path.abspath(os.fspath(dst))
-    if os.path.exists(dst) and not overwrite:  # fail before any work; atomic_dir checks again at the end
-        raise FileExistsError(f"{dst!r} already exists; choose another destination or pass overwrite=True.")
+    check_destination(dst, (src, root), overwrite=overwrite)  # before any work; atomic_dir checks again
     is_pipeline = os.path.isfile(os.path.join(root, "model_index.json"))
     if is_pipeline:
         index = read_model_index(root)
@@ -178,7 +180,7 @@ def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: An
     if unet_transform is not None and not ("unet" in models or (not is_pipeline and _component_kind(root) == "unet")):
         raise ValueError(f"{root!r} has no UNet to merge the ΔW into; pass a pipeline or UNet folder.")
 
-    with atomic_dir(dst, overwrite=overwrite) as tmp:
+    with atomic_dir(dst, overwrite=overwrite, sources=(src, root)) as tmp:
         for name in tqdm(models, desc="converting", disable=not progress):
             folder = os.path.join(root, name) if name else root
             kind = name or _component_kind(folder)
@@ -187,10 +189,10 @@ def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: An
                 params = unet_transform(params)
             out = os.path.join(tmp, name)
             os.makedirs(out, exist_ok=True)
-            shutil.copy2(os.path.join(folder, CONFIG_NAME), os.path.join(out, CONFIG_NAME))
+            copy_file(os.path.join(folder, CONFIG_NAME), os.path.join(out, CONFIG_NAME))
             save_flax_checkpoint(params, os.path.join(out, FLAX_WEIGHTS))
         for name in copies:
-            shutil.copytree(os.path.join(root, name), os.path.join(tmp, name))
+            copy_tree(os.path.join(root, name), os.path.join(tmp, name))
         if is_pipeline:
-            shutil.copy2(os.path.join(root, "model_index.json"), os.path.join(tmp, "model_index.json"))
+            copy_file(os.path.join(root, "model_index.json"), os.path.join(tmp, "model_index.json"))
     return {"components": [m or _component_kind(root) for m in models], "seconds": time.perf_counter() - t0}

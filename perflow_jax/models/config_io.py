@@ -13,15 +13,25 @@ CONFIG_NAME = "config.json"
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a JSON object from `path`; a missing file or invalid JSON raises an error naming the file."""
+    """Load a JSON object from `path`; a missing file, invalid JSON or UTF-8, or JSON that is not an object
+    (a list, a number, ...) raises an error naming the file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} does not exist.")
     with open(path, encoding="utf-8") as f:
         try:
-            return json.load(f)
+            obj = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path!r} is not UTF-8 text, so not a JSON file: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds a JSON {_json_type(obj)}; expected a JSON object ({{...}}) of settings.")
+    return obj
+
+
+def _json_type(obj: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(obj), "number")
 
 
 def read_config_json(path: str | os.PathLike) -> dict[str, Any]:

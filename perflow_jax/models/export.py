@@ -10,7 +10,6 @@ transformers key names, ``tokenizer/`` (``tokenizer_2/``) and ``scheduler/``. Us
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from perflow_jax.delta import torch_unet_state_dict
-from perflow_jax.io import atomic_dir
+from perflow_jax.io import atomic_dir, write_json
 from perflow_jax.models.components import PipelineComponents
 from perflow_jax.models.convert import torch_state_dict
 from perflow_jax.models.keymap import flax_attention_to_torch, rename_torch_attention
@@ -66,9 +65,7 @@ def _model_index(components: PipelineComponents) -> dict[str, Any]:
 
 
 def _write_json(obj: Any, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_json(path, obj, indent=2, sort_keys=True)  # NaN / inf refused: JSON has no such numbers
 
 
 def _write_model(folder: str, config: dict[str, Any], params: Mapping, to_torch: Callable[..., dict], weights: str,
@@ -95,7 +92,8 @@ def save_pipeline(components: PipelineComponents, dst: str | os.PathLike, *, to:
       dst: the folder to create (built in a temp folder next to it, then renamed into place).
       to: ``"diffusers"`` or ``"flax"``.
       dtype: cast all weights to this dtype (e.g. ``np.float16``); default: keep each param's dtype.
-      overwrite: replace an existing `dst`.
+      overwrite: replace an existing `dst`; only an empty folder or one perflow-jax wrote (its manifest lists
+        every file in it) is replaced, and `dst` may never be, contain or lie inside ``components.path``.
 
     Returns the folder written. Model configs are written from the components' config dataclasses; tokenizers
     with ``save_pretrained``; safety checker / feature extractor entries of model_index.json are set to null.
@@ -103,7 +101,7 @@ def save_pipeline(components: PipelineComponents, dst: str | os.PathLike, *, to:
     if to not in ("diffusers", "flax"):
         raise ValueError(f"to= must be 'diffusers' or 'flax', got {to!r}.")
     dst = os.path.abspath(os.fspath(dst))
-    with atomic_dir(dst, overwrite=overwrite) as tmp:
+    with atomic_dir(dst, overwrite=overwrite, sources=(components.path,)) as tmp:
         c = components
         _write_model(os.path.join(tmp, "unet"), {"_class_name": "UNet2DConditionModel", **c.unet_config.to_dict()},
                      c.unet_params, torch_unet_state_dict, "diffusion_pytorch_model.safetensors", to, dtype)

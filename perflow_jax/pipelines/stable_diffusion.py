@@ -59,6 +59,7 @@ from perflow_jax.models.vae import AutoencoderKL, scale_latents, unscale_latents
 from perflow_jax.pipelines.defaults import FAMILY_DEFAULTS, model_family, perflow_config_dict
 
 OUTPUT_TYPES = ("uint8", "float")
+DEFAULT_BATCH_MEMORY = 8 * 2**30  # default_batch_size's budget per device where JAX reports no memory (CPU)
 STEP_NOISE_FOLD = 2**31  # fold_in(key(seed), STEP_NOISE_FOLD): the ancestral schedulers' step-noise key
 
 
@@ -240,22 +241,22 @@ class StableDiffusionPipeline:
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
-                 latents: np.ndarray | None = None, output_type: str = "uint8") -> np.ndarray:
+                 latents: np.ndarray | None = None, output_type: str = "uint8", first_index: int = 0) -> np.ndarray:
         """Generate images for `prompt` (NHWC, uint8 or float in [0, 1] with ``output_type="float"``).
 
         ``latents`` (B, 4, H/8, W/8) replaces the seeded initial noise (it is scaled by the scheduler's
         ``init_noise_sigma`` as in diffusers). ``guidance_scale`` ≤ 1 turns classifier-free guidance off, as
-        in diffusers.
+        in diffusers. ``first_index`` is the run index of this call's first image (see :meth:`build_request`).
         """
         return self.generate(self.build_request(
             prompt, negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             seed=seed, height=height, width=width, num_images_per_prompt=num_images_per_prompt, latents=latents,
-            output_type=output_type))
+            output_type=output_type, first_index=first_index))
 
     def img2img(self, prompt: str | Sequence[str], image: np.ndarray, strength: float = 0.6,
                 negative_prompt: str | Sequence[str] | None = None, *, num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, seed: int = 0, num_images_per_prompt: int = 1,
-                output_type: str = "uint8") -> np.ndarray:
+                output_type: str = "uint8", first_index: int = 0) -> np.ndarray:
         """Re-generate `image` (NHWC uint8, or float in [0, 1]; one image or one per prompt) from strength·T.
 
         As in diffusers, the last ``int(steps · strength)`` steps run, starting from the encoded image noised
@@ -264,7 +265,7 @@ class StableDiffusionPipeline:
         return self.generate(self.build_request(
             prompt, negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             seed=seed, num_images_per_prompt=num_images_per_prompt, image=image, strength=strength,
-            output_type=output_type))
+            output_type=output_type, first_index=first_index))
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
         """Run :meth:`program` for ``request.spec`` (compiled on first use, then cached by spec) and gather the
@@ -293,9 +294,14 @@ class StableDiffusionPipeline:
                       num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
                       height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
                       latents: np.ndarray | None = None, image: np.ndarray | None = None, strength: float = 1.0,
-                      output_type: str = "uint8") -> GenerationRequest:
+                      output_type: str = "uint8", first_index: int = 0) -> GenerationRequest:
         """Validate a call and build its :class:`GenerationRequest` (arguments as :meth:`__call__`; `image` and
-        `strength` as :meth:`img2img`). Raises ValueError naming the bad argument; compiles nothing."""
+        `strength` as :meth:`img2img`). Raises ValueError naming the bad argument; compiles nothing.
+
+        `first_index` numbers this call's images from it: image i draws its noise from
+        ``fold_in(key(seed), first_index + i)``. A long run split into calls of any size with the same seed and
+        ``first_index`` = the number of images before the call thus gets the images of one big call (except for
+        ancestral schedulers, whose step noise is drawn per call)."""
         steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         prompts = _as_list(prompt, "prompt")
@@ -312,6 +318,8 @@ class StableDiffusionPipeline:
         if not np.isfinite(guidance) or guidance < 0:
             raise ValueError(f"guidance_scale must be a finite number ≥ 0, got {guidance!r}.")
         _check_output_type(output_type)
+        if isinstance(first_index, bool) or not isinstance(first_index, int | np.integer) or first_index < 0:
+            raise ValueError(f"first_index must be an integer ≥ 0, got {first_index!r}.")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be ≥ 1, got {num_images_per_prompt}.")
         if image is not None and not 0.0 < strength <= 1.0:
@@ -322,6 +330,8 @@ class StableDiffusionPipeline:
         prompts = [p for p in prompts for _ in range(per)]
         negatives = [p for p in negatives for _ in range(per)] if negatives is not None else None
         n = len(prompts)
+        if int(first_index) + sharding.padded_size(n, self.mesh) > 2**32:
+            raise ValueError(f"first_index {first_index} + {n} images exceeds 2**32 image indices.")
 
         init_images = None
         if image is not None:
@@ -352,7 +362,8 @@ class StableDiffusionPipeline:
         pad = lambda a: None if a is None else _pad_rows(a, padded)  # noqa: E731
         inputs = GenerationInputs(
             ids=pad(self.tokenize(prompts)), neg_ids=pad(self.tokenize(negatives or [""] * n)),
-            index=np.arange(padded, dtype=np.uint32), latents=pad(latents), image=pad(init_images))
+            index=np.arange(int(first_index), int(first_index) + padded, dtype=np.uint32), latents=pad(latents),
+            image=pad(init_images))
         return GenerationRequest(
             spec=spec, inputs=sharding.global_tree(inputs, self._batch),
             seed=sharding.global_array(np.uint32(seed % 2**32), self._replicated),
@@ -368,6 +379,47 @@ class StableDiffusionPipeline:
         if self.text_encoder_2 is None:
             return ids(self.components.tokenizer)
         return np.stack([ids(self.components.tokenizer), ids(self.components.tokenizer_2)], axis=1)
+
+    def estimate_image_bytes(self, height: int | None = None, width: int | None = None) -> int:
+        """An upper estimate of the device memory one image of `height` × `width` takes in a compiled generation
+        (float32 activations, classifier-free guidance on), from the UNet and VAE configs; weights not included.
+
+        - UNet: both CFG rows' float32 attention scores at the block with the most ``heads × tokens²`` (tokens:
+          latent pixels at that block; a query chunk of ``attention_chunk_size`` if set), plus 48 float32 feature
+          maps of the first block (``block_out_channels[0]`` channels at latent resolution);
+        - VAE decode: 7 float32 feature maps of the VAE's first block width at full image resolution.
+
+        The larger of the two counts: the stages run one after the other. Against XLA's own count (CPU, float32,
+        one image; see docs/pipelines.md): SD1.5 512²: UNet 1.26 GiB (estimate 1.47), VAE 0.88 GiB (0.88);
+        SD1.5 768²: UNet 5.82 GiB (6.12), VAE 1.97 GiB (1.97); SDXL 1024²: UNet 1.96 GiB (3.13), VAE 3.50 GiB
+        (3.50).
+        """
+        height, width = self._check_size(height, width)
+        c, f = self.components.unet_config, self.vae_scale_factor
+        h, w = height // f, width // f
+        chunk = self.unet.attention_chunk_size
+        scores = 0
+        for level, (kind, heads) in enumerate(zip(c.down_block_types, c.per_block("heads"), strict=True)):
+            tokens = -(-h // 2**level) * -(-w // 2**level)
+            if "CrossAttn" in kind:
+                scores = max(scores, heads * min(tokens, chunk or tokens) * tokens)
+        unet = 2 * 4 * scores + 2 * 48 * 4 * c.block_out_channels[0] * h * w
+        vae = 7 * 4 * self.components.vae_config.block_out_channels[0] * height * width
+        return int(max(unet, vae))
+
+    def default_batch_size(self, height: int | None = None, width: int | None = None,
+                           budget_bytes: int | None = None) -> int:
+        """Images per call that fit `budget_bytes` per device by :meth:`estimate_image_bytes`, times the number
+        of devices (at least one per device). The default budget is half the free memory of the fullest device
+        where JAX reports it (GPUs, TPUs), else 8 GiB (CPU)."""
+        per_image = self.estimate_image_bytes(height, width)
+        if budget_bytes is None:
+            budget_bytes = DEFAULT_BATCH_MEMORY
+            stats = [d.memory_stats() for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+            free = [s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats if s and "bytes_limit" in s]
+            if free:
+                budget_bytes = max(min(free), 0) // 2
+        return max(1, int(budget_bytes) // per_image) * self.mesh.size
 
     def latent_shape(self, spec: GenerationSpec) -> tuple[int, int, int, int]:
         """The (batch, channels, H/f, W/f) shape of the latents for `spec`."""
