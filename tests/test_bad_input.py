@@ -204,7 +204,8 @@ TRAINING_ROWS: list[Row] = [
     Row("train-progress-not-bool", r"train\.progress='maybe': must be true or false",
         argv=(*_TRAIN, "output_dir={out}", "train.progress=maybe"), setup=_digits_yaml),
     Row("train-unet-config-int", r"model\.unet_config=123: must be a non-empty string",
-        argv=(*_TRAIN, "output_dir={out}", "model.kind=unet", "model.unet_config=123"), setup=_digits_yaml),
+        argv=("train", "--config", "{w}/c.yaml"),
+        setup=_write("c.yaml", "output_dir: {w}/out\nmodel:\n  kind: unet\n  unet_config: 123\n")),
     Row("train-override-bad-yaml", r"override 'train\.steps=\[':1:\d+: invalid YAML",
         argv=(*_TRAIN, "output_dir={out}", "train.steps=["), setup=_digits_yaml),
     # Errors found while loading (data, teacher) still come before the output folder is created.

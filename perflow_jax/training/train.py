@@ -21,7 +21,7 @@ import os
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,17 +70,26 @@ _INT32_MAX = 2**31 - 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+class _Field(NamedTuple):
+    """A config field's type: `check(value)`, `what` it must be (for the error), and whether it is `text`
+    (a string field: its values are never re-read as YAML numbers, and an override's text is taken as is)."""
+
+    check: Callable[[Any], bool]
+    what: str
+    text: bool = False
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _int(lo: int = 1, hi: int = _INT32_MAX, optional: bool = False) -> tuple[Callable[[Any], bool], str]:
+def _int(lo: int = 1, hi: int = _INT32_MAX, optional: bool = False) -> _Field:
     ok = lambda v: (optional and v is None) or (_is_int(v) and lo <= v <= hi)  # noqa: E731
-    return ok, f"must be an integer in [{lo}, {hi}]" + (" or null" if optional else "")
+    return _Field(ok, f"must be an integer in [{lo}, {hi}]" + (" or null" if optional else ""))
 
 
 def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
-           ) -> tuple[Callable[[Any], bool], str]:
+           ) -> _Field:
     """A finite number (int or float) that float32 can hold, within the bounds."""
     def ok(v: Any) -> bool:
         if isinstance(v, bool) or not isinstance(v, int | float) or abs(v) > _FLOAT32_MAX or not math.isfinite(v):
@@ -91,22 +100,23 @@ def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
         where = f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
     else:
         where = "" if lo is None else f" {'>' if lo_open else '>='} {lo}"
-    return ok, f"must be a finite number{where} (float32 range)"
+    return _Field(ok, f"must be a finite number{where} (float32 range)")
 
 
-def _str(optional: bool = False, choices: tuple[str, ...] | None = None) -> tuple[Callable[[Any], bool], str]:
+def _str(optional: bool = False, choices: tuple[str, ...] | None = None) -> _Field:
     if choices is not None:
-        return (lambda v: isinstance(v, str) and v in choices), f"expected one of {choices}"
+        return _Field(lambda v: isinstance(v, str) and v in choices, f"expected one of {choices}", text=True)
     ok = lambda v: (optional and v is None) or (isinstance(v, str) and v.strip() != "")  # noqa: E731
-    return ok, "must be a non-empty string" + (" or null" if optional else "")
+    return _Field(ok, "must be a non-empty string" + (" or null" if optional else ""), text=True)
 
 
-_BOOL = ((lambda v: isinstance(v, bool)), "must be true or false")
-_PATH = ((lambda v: isinstance(v, str) and v.strip() != ""),
-         "must be a non-empty string path (quote a name that YAML reads as a number: output_dir: \"123\")")
+_BOOL = _Field(lambda v: isinstance(v, bool), "must be true or false")
+_PATH = _Field(lambda v: isinstance(v, str) and v.strip() != "",
+               "must be a non-empty string path (in YAML, quote a name it would read as a number: "
+               "output_dir: \"123\")", text=True)
 
-# Every leaf of DEFAULTS: (check, what it must be). validate() applies them before the library configs.
-_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+# Every leaf of DEFAULTS and its type. validate() applies them before the library configs.
+_SCHEMA: dict[str, _Field] = {
     "output_dir": _PATH,
     "model.kind": _str(choices=_CHOICES[("model", "kind")]),
     "model.unet_config": _str(optional=True),
@@ -178,12 +188,24 @@ def _parse_value(text: str, source: str = "override") -> Any:
     return value
 
 
-def _coerce_numbers(node: dict) -> None:
-    for k, v in node.items():
-        if isinstance(v, dict):
-            _coerce_numbers(v)
-        elif isinstance(v, str):
-            node[k] = _parse_value(v)
+def _coerce_numbers(cfg: dict[str, Any]) -> None:
+    """Read the strings of non-text fields as YAML scalars (``3e-3`` from a YAML 1.1 file is a string); text
+    fields (paths, names) stay as written."""
+    for key, field in _SCHEMA.items():
+        *sections, leaf = key.split(".")
+        node: Any = cfg
+        for sec in sections:
+            node = node.get(sec) if isinstance(node, dict) else None
+        if isinstance(node, dict) and not field.text and isinstance(node.get(leaf), str):
+            node[leaf] = _parse_value(node[leaf])
+
+
+def _override_value(key: str, text: str) -> Any:
+    """An override's value: a text field takes the text as is (``null`` or ``~`` is None), others parse it."""
+    field = _SCHEMA.get(key.strip())
+    if field is not None and field.text:
+        return None if text.strip() in ("null", "~") else text
+    return _parse_value(text, f"override {f'{key}={text}'!r}")
 
 
 def read_yaml(path: str) -> Any:
@@ -211,7 +233,6 @@ def load_config(config_path: str | None, overrides: Sequence[str] = ()) -> dict[
             user = {}
         if not isinstance(user, dict):
             raise ValueError(f"{config_path}: the config must be a YAML mapping, got {type(user).__name__}.")
-        _coerce_numbers(user)
         _merge(cfg, user, "")
     for item in overrides:
         if "=" not in item:
@@ -222,8 +243,9 @@ def load_config(config_path: str | None, overrides: Sequence[str] = ()) -> dict[
         leaf = node
         for p in parts[:-1]:
             leaf = leaf.setdefault(p, {})
-        leaf[parts[-1]] = _parse_value(text, f"override {item!r}")
+        leaf[parts[-1]] = _override_value(key, text)
         _merge(cfg, node, "")
+    _coerce_numbers(cfg)
     validate(cfg)
     return cfg
 
@@ -258,12 +280,12 @@ def validate(cfg: dict[str, Any]) -> None:
 
     if not isinstance(cfg, Mapping):
         raise ValueError(f"A training config is a mapping, got {type(cfg).__name__}.")
-    for key, (ok, msg) in _SCHEMA.items():
+    for key, field in _SCHEMA.items():
         try:
             value = _get(cfg, key)
         except (KeyError, TypeError):
             raise ValueError(f"The config has no {key!r}; build it with load_config().") from None
-        need(ok(value), key, msg)
+        need(field.check(value), key, field.what)
     t = cfg["train"]
     need(t["batch_size"] % t["grad_accum"] == 0, "train.batch_size", "must be divisible by train.grad_accum")
     need(cfg["model"]["kind"] == "digits" or cfg["model"]["unet_config"], "model.unet_config",
