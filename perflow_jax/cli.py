@@ -107,6 +107,10 @@ def _build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="PeRFlow reflow training from a YAML config")
     t.add_argument("--config", required=True, help="YAML training config (see configs/ and docs/training.md)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=400")
+    t.add_argument("--allow-config-change", nargs="+", action="extend", default=[], metavar="KEY",
+                   help="when resuming the checkpoints in output_dir: config keys (e.g. train.learning_rate, or a "
+                        "section such as perflow, or '*') that may differ from the run's stored config; "
+                        "train.steps may grow without it")
     return p
 
 
@@ -270,10 +274,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     if not os.path.isfile(args.config):
         raise CLIError(f"--config {args.config!r} does not exist.")
-    bad = [o for o in args.overrides if "=" not in o]
+    # --allow-config-change takes one or more KEYs, so it may swallow key=value overrides written after it.
+    allow = [k for k in args.allow_config_change if "=" not in k]
+    overrides = list(args.overrides) + [k for k in args.allow_config_change if "=" in k]
+    bad = [o for o in overrides if "=" not in o]
     if bad:
         raise CLIError(f"overrides must be key=value, got {bad}.")
-    summary = train_from_config(args.config, list(args.overrides))
+    summary = train_from_config(args.config, overrides, allow_config_change=allow)
     print(json.dumps(summary, indent=2, default=str))
 
 

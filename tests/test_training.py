@@ -289,6 +289,113 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _finite_file(path) -> bool:
+    from safetensors.numpy import load_file
+
+    return all(np.isfinite(v).all() for v in load_file(str(path)).values())
+
+
+def test_training_nonfinite_loss_and_config_change_on_resume(tmp_path):
+    """A run whose loss turns NaN stops with a clear error and keeps its last good checkpoint (no NaN checkpoint,
+    no ΔW); resuming it under another learning rate needs allow_config_change; train.steps may grow without it."""
+    run = tmp_path / "run"
+    first = ("train.steps=5", "train.checkpoint_every=1", "solver.num_steps=1")
+    cfg, ds, teacher = _tiny_setup(tmp_path, "run", *first)
+    poisoned = np.array(ds.x)
+    poisoned[train_lib.batch_indices(len(ds), 0, 2, 8)[0]] = np.nan  # one NaN sample in step 3's batch
+    bad_ds = train_lib.ArrayDataset(poisoned, ds.cond, ds.null_cond)
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"^Training diverged: the loss is nan at step 3; .*"
+                       r"the last good checkpoint, step 2, is kept in .*--allow-config-change train\.learning_rate"
+                       ) as err:
+        train_lib.train(cfg, bad_ds, teacher_params=teacher)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2", train_lib.RUN_CONFIG]
+    assert not (run / "delta_weights.safetensors").exists() and not (run / "train_config.json").exists()
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
+
+    lower = (*first, "train.learning_rate=1e-3")
+    cfg, _, _ = _tiny_setup(tmp_path, "run", *lower)
+    with pytest.raises(ValueError, match=r"\(train\.learning_rate: 0\.003 → 0\.001\).*--allow-config-change "
+                                         r"train\.learning_rate"):
+        train_lib.train(cfg, ds, teacher_params=teacher)
+    before = sorted(os.listdir(run / "checkpoints"))
+    cfg, _, _ = _tiny_setup(tmp_path, "run", *lower, "perflow.num_time_windows=1")
+    with pytest.raises(ValueError, match=r"\(perflow\.num_time_windows: 2 → 1\)\. "):
+        train_lib.check_resume(cfg, ["train.learning_rate"])
+    assert sorted(os.listdir(run / "checkpoints")) == before
+
+    # Allowed: resume the last good checkpoint (clean data) under the new learning rate, for longer.
+    cfg, _, _ = _tiny_setup(tmp_path, "run", *lower, "train.steps=6")
+    res = train_lib.train(cfg, ds, teacher_params=teacher, allow_config_change=["train.learning_rate"])
+    assert res["resumed_from"] == 2 and res["steps"] == 6
+    assert _finite_file(res["delta_path"])
+    stored = json.loads((run / "checkpoints" / train_lib.RUN_CONFIG).read_text())
+    assert stored["train"]["learning_rate"] == 1e-3 and stored["train"]["steps"] == 6
+    assert json.loads((run / "train_config.json").read_text()) == stored
+    with pytest.raises(ValueError, match=r"train\.steps=5 is below the latest checkpoint, step 6"):
+        train_lib.check_resume(_tiny_setup(tmp_path, "run", *lower)[0], ["*"])
+    # Longer again: no allow_config_change needed; cosmetic keys (progress, logging, checkpoints) are free.
+    cfg, _, _ = _tiny_setup(tmp_path, "run", *lower, "train.steps=9", "train.log_every=5", "train.checkpoint_every=3")
+    assert train_lib.check_resume(cfg) == (6, ["train.steps: 6 → 9"])
+
+
+def test_training_huge_learning_rate_never_saves_nonfinite(tmp_path):
+    """A finite but absurd learning rate diverges within a few steps: a one-line error, no ΔW, and every kept
+    checkpoint (and the logged losses) finite."""
+    import orbax.checkpoint as ocp
+
+    cfg, ds, teacher = _tiny_setup(tmp_path, "run", "train.steps=8", "train.checkpoint_every=1",
+                                   "train.keep_checkpoints=8", "train.learning_rate=1e30", "solver.num_steps=1")
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"^Training diverged: the loss is (nan|inf) at step"):
+        train_lib.train(cfg, ds, teacher_params=teacher)
+    run = tmp_path / "run"
+    assert not (run / "delta_weights.safetensors").exists()
+    assert all(np.isfinite(json.loads(line)["loss"]) for line in open(run / "metrics.jsonl"))
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] < 8
+    for step in steps:
+        restored = ocp.StandardCheckpointer().restore(run / "checkpoints" / str(step) / "default")
+        for leaf in jax.tree_util.tree_leaves((restored["params"], restored["ema"])):
+            assert np.isfinite(np.asarray(leaf)).all(), step
+
+
+def test_training_cli_digits_without_sklearn_or_matplotlib(tmp_path, monkeypatch, capsys):
+    """`perflow-jax train` on the built-in digits model with neither scikit-learn nor matplotlib importable (a
+    default install): it trains, exports a finite ΔW, and a rerun under another learning rate is refused."""
+    import sys
+
+    from perflow_jax.cli import main
+
+    for name in [m for m in sys.modules if m.split(".")[0] in ("sklearn", "matplotlib")] + ["sklearn", "matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    config = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "digits_perflow.yaml")
+    out = tmp_path / "digits"
+    argv = ["--no-cache", "train", "--config", config, "train.steps=2", f"output_dir={out}", "train.progress=false",
+            "train.batch_size=8", "solver.num_steps=2"]  # the README's command, made small
+    assert main(argv) == 0, capsys.readouterr().err
+    assert _finite_file(out / "delta_weights.safetensors")
+    assert json.loads((out / "scheduler_config.json").read_text())["num_time_windows"] == 1
+    assert main([*argv, "train.learning_rate=1e-3"]) == 2
+    assert "--allow-config-change train.learning_rate" in capsys.readouterr().err
+
+
+def test_digits_data_file_equals_sklearn():
+    """The shipped digits.npz is sklearn's load_digits() and its stratified split, bit for bit."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn.model_selection import train_test_split
+
+    from perflow_jax.pipelines import digits
+
+    d = sklearn_datasets.load_digits()
+    x, y = (d.images.astype(np.float32) / 8.0 - 1.0)[:, None], d.target.astype(np.int32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=400, random_state=0, stratify=y)
+    for split, (want_x, want_y) in {"all": (x, y), "train": (x_tr, y_tr), "test": (x_te, y_te)}.items():
+        got_x, got_y = digits.load_digits_data(split)
+        assert got_x.dtype == np.float32 and got_y.dtype == np.int32
+        np.testing.assert_array_equal(got_x, want_x)
+        np.testing.assert_array_equal(got_y, want_y)
+
+
 _DP_SCRIPT = textwrap.dedent("""
     import os, sys, json
     import numpy as np, jax
@@ -335,11 +442,62 @@ def test_four_device_data_parallel_equals_one_device(tmp_path):
     ("model.dtype=float16", "model.dtype"),
     ("train", "key=value"),
     ("solver.num_steps=0", "num_steps"),
+    ("train.learning_rate=inf", r"train\.learning_rate=inf: must be a finite number"),
+    ("train.learning_rate=nan", r"train\.learning_rate=nan: must be a finite number"),
+    ("train.learning_rate=1e39", r"train\.learning_rate=1e\+39: must be a finite number"),  # float32 overflow
+    ("train.grad_clip=-inf", "train.grad_clip"),
+    ("perflow.beta_end=nan", "perflow.beta_end"),
+    ("reflow.cond_dropout=nan", "reflow.cond_dropout"),
+    ("output_dir=", "output_dir='': must be a non-empty string path"),
+    ("train.seed=-1", r"train\.seed=-1: must be an integer"),
+    ("train.seed=true", "train.seed"),
+    ("train.steps=2.0", "train.steps"),
+    ("train.steps=99999999999", "train.steps"),
+    ("train.progress=1", "train.progress"),
+    ("train.adam_b2=1.0", r"train\.adam_b2=1\.0: must be a finite number in \[0\.0, 1\.0\)"),
+    ("train.steps=[", "invalid YAML"),
 ])
 def test_bad_config_values_raise(override, match):
     ov = ["output_dir=/tmp/x", "train.grad_accum=4", "train.batch_size=8"]
     with pytest.raises(ValueError, match=match):
         train_lib.load_config(None, [*ov, override])
+
+
+def test_every_config_key_is_typed():
+    """validate() checks a type for every key of DEFAULTS (a new key must get one)."""
+    flat = train_lib._flatten(train_lib.DEFAULTS)
+    assert set(train_lib._SCHEMA) == set(flat)
+    assert train_lib.RESUME_FREE_KEYS <= set(flat)
+
+
+def test_config_text_fields_stay_text(tmp_path):
+    """Paths and names are strings as written: a quoted "123" in YAML, or any override text; an unquoted YAML
+    number is an error; numbers as YAML 1.1 strings (3e-3) are still read as numbers."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text('output_dir: "123"\ndata:\n  kind: npz\n  path: "nan"\ntrain:\n  learning_rate: 3e-3\n')
+    loaded = train_lib.load_config(str(cfg))
+    assert loaded["output_dir"] == "123" and loaded["data"]["path"] == "nan"
+    assert loaded["train"]["learning_rate"] == 3e-3
+    loaded = train_lib.load_config(str(cfg), ["output_dir=456", "teacher.weights=1e5", "teacher.weights=null",
+                                              "train.steps=7"])
+    assert loaded["output_dir"] == "456" and loaded["teacher"]["weights"] is None and loaded["train"]["steps"] == 7
+    cfg.write_text("output_dir: 123\n")
+    with pytest.raises(ValueError, match=r"output_dir=123: must be a non-empty string path"):
+        train_lib.load_config(str(cfg))
+
+
+def test_config_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: 3\n  learning_rate: [\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml:4:1: invalid YAML"):
+        train_lib.load_config(str(bad))
+    tag = tmp_path / "tag.yaml"
+    tag.write_text(f"output_dir: !!python/object/apply:os.mkdir [{str(tmp_path / 'pwned')!r}]\n")
+    with pytest.raises(ValueError, match=r"tag\.yaml:1:\d+: YAML tags like !!python"):
+        train_lib.load_config(str(tag))
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(ValueError, match="Cannot read the config"):
+        train_lib.load_config(str(tmp_path / "missing.yaml"))
 
 
 def test_example_configs_validate():

@@ -34,6 +34,7 @@ NULL_CLASS = 10
 IMAGE_SIZE = 8
 CONTEXT_DIM = 8
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
+DIGITS_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits.npz")
 
 UNET_CONFIG = UNetConfig(
     sample_size=IMAGE_SIZE,
@@ -65,20 +66,28 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
 
 
 def load_digits_data(split: str = "train", seed: int = 0, holdout: int = 400) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits as ((N, 1, 8, 8) float32 in [-1, 1], (N,) int32 labels).
+    """The 8×8 digits (scikit-learn's copy of the UCI set, shipped as ``pipelines/assets/digits.npz`` so that no
+    scikit-learn is needed) as ((N, 1, 8, 8) float32 in [-1, 1], (N,) int32 labels).
 
-    A fixed stratified split keeps `holdout` images out of training ("test") for evaluation.
+    A fixed stratified split keeps `holdout` images out of training ("test") for evaluation; the default split
+    (seed 0, 400 held out) is stored in the file, any other one needs scikit-learn.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}.")
-    d = load_digits()
-    x = (d.images.astype(np.float32) / 8.0 - 1.0)[:, None]
-    y = d.target.astype(np.int32)
+    with np.load(DIGITS_DATA) as z:
+        x = (z["images"].astype(np.float32) / 8.0 - 1.0)[:, None]
+        y = z["target"].astype(np.int32)
+        stored = {"train": z["train"], "test": z["test"]}
     if split == "all":
         return x, y
+    if (seed, holdout) == (0, 400):
+        idx = stored[split]
+        return x[idx], y[idx]
+    try:
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:
+        raise ValueError(f"A digits split other than the shipped one (seed=0, holdout=400) needs scikit-learn "
+                         f"(pip install scikit-learn); got seed={seed}, holdout={holdout}.") from e
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=holdout, random_state=seed, stratify=y)
     return (x_tr, y_tr) if split == "train" else (x_te, y_te)
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,9 +66,120 @@ _CHOICES = {
 }
 
 
-def _parse_value(text: str) -> Any:
+_INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class _Field(NamedTuple):
+    """A config field's type: `check(value)`, `what` it must be (for the error), and whether it is `text`
+    (a string field: its values are never re-read as YAML numbers, and an override's text is taken as is)."""
+
+    check: Callable[[Any], bool]
+    what: str
+    text: bool = False
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(lo: int = 1, hi: int = _INT32_MAX, optional: bool = False) -> _Field:
+    ok = lambda v: (optional and v is None) or (_is_int(v) and lo <= v <= hi)  # noqa: E731
+    return _Field(ok, f"must be an integer in [{lo}, {hi}]" + (" or null" if optional else ""))
+
+
+def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
+           ) -> _Field:
+    """A finite number (int or float) that float32 can hold, within the bounds."""
+    def ok(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, int | float) or abs(v) > _FLOAT32_MAX or not math.isfinite(v):
+            return False
+        return ((lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi)))
+
+    if lo is not None and hi is not None:
+        where = f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    else:
+        where = "" if lo is None else f" {'>' if lo_open else '>='} {lo}"
+    return _Field(ok, f"must be a finite number{where} (float32 range)")
+
+
+def _str(optional: bool = False, choices: tuple[str, ...] | None = None) -> _Field:
+    if choices is not None:
+        return _Field(lambda v: isinstance(v, str) and v in choices, f"expected one of {choices}", text=True)
+    ok = lambda v: (optional and v is None) or (isinstance(v, str) and v.strip() != "")  # noqa: E731
+    return _Field(ok, "must be a non-empty string" + (" or null" if optional else ""), text=True)
+
+
+_BOOL = _Field(lambda v: isinstance(v, bool), "must be true or false")
+_PATH = _Field(lambda v: isinstance(v, str) and v.strip() != "",
+               "must be a non-empty string path (in YAML, quote a name it would read as a number: "
+               "output_dir: \"123\")", text=True)
+
+# Every leaf of DEFAULTS and its type. validate() applies them before the library configs.
+_SCHEMA: dict[str, _Field] = {
+    "output_dir": _PATH,
+    "model.kind": _str(choices=_CHOICES[("model", "kind")]),
+    "model.unet_config": _str(optional=True),
+    "model.dtype": _str(choices=_CHOICES[("model", "dtype")]),
+    "teacher.weights": _str(optional=True),
+    "teacher.prediction_type": _str(),
+    "teacher.set_alpha_to_one": _BOOL,
+    "perflow.num_time_windows": _int(),
+    "perflow.prediction_type": _str(),
+    "perflow.num_train_timesteps": _int(),
+    "perflow.beta_start": _float(0.0, lo_open=True),
+    "perflow.beta_end": _float(0.0, lo_open=True),
+    "perflow.beta_schedule": _str(),
+    "solver.num_steps": _int(),
+    "reflow.discrete_timesteps": _int(optional=True),
+    "reflow.loss_weighting": _str(),
+    "reflow.huber_c": _float(0.0, lo_open=True),
+    "reflow.cfg_mode": _str(),
+    "reflow.guidance_scale": _float(1.0),
+    "reflow.cond_dropout": _float(0.0, 1.0, hi_open=True),
+    "train.steps": _int(),
+    "train.batch_size": _int(),
+    "train.grad_accum": _int(),
+    "train.learning_rate": _float(0.0, lo_open=True),
+    "train.warmup_steps": _int(0),
+    "train.lr_schedule": _str(choices=_CHOICES[("train", "lr_schedule")]),
+    "train.weight_decay": _float(0.0),
+    "train.adam_b1": _float(0.0, 1.0, hi_open=True),
+    "train.adam_b2": _float(0.0, 1.0, hi_open=True),
+    "train.grad_clip": _float(0.0, lo_open=True),
+    "train.ema_decay": _float(0.0, 1.0, hi_open=True),
+    "train.seed": _int(0, 2**32 - 1),
+    "train.checkpoint_every": _int(),
+    "train.keep_checkpoints": _int(),
+    "train.log_every": _int(),
+    "train.sharding": _str(choices=_CHOICES[("train", "sharding")]),
+    "train.progress": _BOOL,
+    "data.kind": _str(choices=_CHOICES[("data", "kind")]),
+    "data.path": _str(optional=True),
+    "data.image_size": _int(optional=True),
+}
+
+
+def _yaml_error(source: str, e: yaml.YAMLError) -> ValueError:
+    """A one-line ValueError for a YAML error: where (file:line:column) and what, without YAML's snippet."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if "python/" in problem or "!!python" in problem:
+        return ValueError(f"{where}: YAML tags like !!python/... are not allowed (configs are read as plain "
+                          f"YAML with yaml.safe_load): {problem}.")
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and cmark is not None:
+        problem += f" ({context} that starts at line {cmark.line + 1}, column {cmark.column + 1})"
+    return ValueError(f"{where}: invalid YAML: {problem}.")
+
+
+def _parse_value(text: str, source: str = "override") -> Any:
     """A YAML scalar, with YAML 1.1's gap closed: ``3e-3`` is a float, not a string."""
-    value = yaml.safe_load(text) if text != "" else ""
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise _yaml_error(source, e) from e
     if isinstance(value, str):
         try:
             return float(value)
@@ -75,23 +188,51 @@ def _parse_value(text: str) -> Any:
     return value
 
 
-def _coerce_numbers(node: dict) -> None:
-    for k, v in node.items():
-        if isinstance(v, dict):
-            _coerce_numbers(v)
-        elif isinstance(v, str):
-            node[k] = _parse_value(v)
+def _coerce_numbers(cfg: dict[str, Any]) -> None:
+    """Read the strings of non-text fields as YAML scalars (``3e-3`` from a YAML 1.1 file is a string); text
+    fields (paths, names) stay as written."""
+    for key, field in _SCHEMA.items():
+        *sections, leaf = key.split(".")
+        node: Any = cfg
+        for sec in sections:
+            node = node.get(sec) if isinstance(node, dict) else None
+        if isinstance(node, dict) and not field.text and isinstance(node.get(leaf), str):
+            node[leaf] = _parse_value(node[leaf])
+
+
+def _override_value(key: str, text: str) -> Any:
+    """An override's value: a text field takes the text as is (``null`` or ``~`` is None), others parse it."""
+    field = _SCHEMA.get(key.strip())
+    if field is not None and field.text:
+        return None if text.strip() in ("null", "~") else text
+    return _parse_value(text, f"override {f'{key}={text}'!r}")
+
+
+def read_yaml(path: str) -> Any:
+    """A YAML file read with ``yaml.safe_load``; every failure is a one-line ValueError naming the file (and
+    line): unreadable, not UTF-8, a syntax error, a ``!!python`` tag."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: the config is not UTF-8 text ({e.reason} at byte {e.start}).") from e
+    except OSError as e:
+        raise ValueError(f"Cannot read the config {path!r}: {e.strerror or e}.") from e
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise _yaml_error(path, e) from e
 
 
 def load_config(config_path: str | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """DEFAULTS ← YAML file ← ``key=value`` overrides, validated (ValueError on unknown keys / bad values)."""
     cfg = json.loads(json.dumps(DEFAULTS))
     if config_path is not None:
-        with open(config_path, encoding="utf-8") as f:
-            user = yaml.safe_load(f) or {}
+        user = read_yaml(config_path)
+        if user is None:
+            user = {}
         if not isinstance(user, dict):
             raise ValueError(f"{config_path}: the config must be a YAML mapping, got {type(user).__name__}.")
-        _coerce_numbers(user)
         _merge(cfg, user, "")
     for item in overrides:
         if "=" not in item:
@@ -102,8 +243,9 @@ def load_config(config_path: str | None, overrides: Sequence[str] = ()) -> dict[
         leaf = node
         for p in parts[:-1]:
             leaf = leaf.setdefault(p, {})
-        leaf[parts[-1]] = _parse_value(text)
+        leaf[parts[-1]] = _override_value(key, text)
         _merge(cfg, node, "")
+    _coerce_numbers(cfg)
     validate(cfg)
     return cfg
 
@@ -121,27 +263,31 @@ def _merge(base: dict, new: Mapping, prefix: str) -> None:
             base[k] = v
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def validate(cfg: dict[str, Any]) -> None:
-    """Check types and ranges of a merged config; raises ValueError naming the key."""
+    """Check types and ranges of a merged config; raises ValueError naming the key.
+
+    Every field has a type (`_SCHEMA`): integers are integers (not bools or floats), numbers are finite and fit
+    float32 (``inf``, ``nan`` and ``1e39`` are refused), paths are non-empty strings.
+    """
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
-            raise ValueError(f"Bad config value {key}={_get(cfg, key)!r}: {msg}.")
+            raise ValueError(f"Bad config value {key}={_short(_get(cfg, key))}: {msg}.")
 
-    for (sec, key), choices in _CHOICES.items():
-        need(_get(cfg, f"{sec}.{key}") in choices, f"{sec}.{key}", f"expected one of {choices}")
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"A training config is a mapping, got {type(cfg).__name__}.")
+    for key, field in _SCHEMA.items():
+        try:
+            value = _get(cfg, key)
+        except (KeyError, TypeError):
+            raise ValueError(f"The config has no {key!r}; build it with load_config().") from None
+        need(field.check(value), key, field.what)
     t = cfg["train"]
-    for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
-        need(isinstance(t[key], int) and not isinstance(t[key], bool) and t[key] > 0, f"train.{key}",
-             "must be a positive integer")
-    need(isinstance(t["warmup_steps"], int) and t["warmup_steps"] >= 0, "train.warmup_steps", "must be an int >= 0")
-    need(isinstance(t["seed"], int), "train.seed", "must be an integer")
     need(t["batch_size"] % t["grad_accum"] == 0, "train.batch_size", "must be divisible by train.grad_accum")
-    for key in ("learning_rate", "grad_clip"):
-        need(isinstance(t[key], int | float) and t[key] > 0, f"train.{key}", "must be a positive number")
-    need(isinstance(t["weight_decay"], int | float) and t["weight_decay"] >= 0, "train.weight_decay", "must be >= 0")
-    need(isinstance(t["ema_decay"], int | float) and 0 <= t["ema_decay"] < 1, "train.ema_decay",
-         "must be in [0, 1) (0 disables EMA)")
-    need(cfg["output_dir"] is not None and str(cfg["output_dir"]) != "", "output_dir", "an output folder is required")
     need(cfg["model"]["kind"] == "digits" or cfg["model"]["unet_config"], "model.unet_config",
          "model.kind=unet needs a UNet config.json path")
     need(cfg["data"]["kind"] == "digits" or cfg["data"]["path"], "data.path",
@@ -214,7 +360,7 @@ class ArrayDataset:
 
 def load_image_folder(path: str, image_size: int | None = None, channels: int = 1) -> tuple[np.ndarray, list[str]]:
     """Images listed in ``<path>/metadata.jsonl`` (lines ``{"file_name": ..., "text": ...}``) as
-    ((N, channels, H, W) float32 in [-1, 1], captions)."""
+    ((N, channels, H, W) float32 in [-1, 1], captions). A bad line or image is a ValueError naming it."""
     from PIL import Image
 
     meta = os.path.join(path, "metadata.jsonl")
@@ -222,16 +368,57 @@ def load_image_folder(path: str, image_size: int | None = None, channels: int = 
         raise ValueError(f"data.path={path!r} needs a metadata.jsonl with file_name and text per line.")
     images, captions = [], []
     with open(meta, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
-                img = Image.open(os.path.join(path, row["file_name"])).convert("L" if channels == 1 else "RGB")
-                if image_size:
-                    img = img.resize((image_size, image_size), Image.BICUBIC)
-                a = np.asarray(img, np.float32) / 127.5 - 1.0
-                images.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
-                captions.append(str(row["text"]))
-    return np.stack(images), captions
+                name, text = row["file_name"], row["text"]
+                with Image.open(os.path.join(path, name)) as im:
+                    img = im.convert("L" if channels == 1 else "RGB")
+            except (ValueError, TypeError, KeyError, OSError) as e:
+                raise ValueError(f"{meta}:{n}: not a usable {{\"file_name\": ..., \"text\": ...}} line with a "
+                                 f"readable image ({type(e).__name__}: {e}).") from e
+            if image_size:
+                img = img.resize((image_size, image_size), Image.BICUBIC)
+            a = np.asarray(img, np.float32) / 127.5 - 1.0
+            images.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
+            captions.append(str(text))
+    if not images:
+        raise ValueError(f"{meta} lists no images.")
+    try:
+        return np.stack(images), captions
+    except ValueError as e:
+        raise ValueError(f"The images in {path!r} differ in size; set data.image_size to resize them.") from e
+
+
+def _load_npz_dataset(path: str) -> ArrayDataset:
+    """An ``.npz`` dataset (no pickles), checked on load: a float ``x`` of finite values."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.path={path!r} does not exist (data.kind=npz needs an .npz file).")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"data.path={path!r} is not an .npz file (a zip of .npy arrays, from np.savez).")
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as e:
+        raise ValueError(f"data.path={path!r} is not a readable .npz of numeric arrays ({e}).") from e
+    if "x" not in arrays:
+        raise ValueError(f"data.path={path!r} has no array 'x' (the samples); it has {sorted(arrays)}.")
+    x = arrays["x"]
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"data.path={path!r}: x must be floating point, got {x.dtype}.")
+    if not np.isfinite(x).all():
+        raise ValueError(f"data.path={path!r}: x holds NaN or inf values.")
+    cond = {k[5:]: v for k, v in arrays.items() if k.startswith("cond/")}
+    null = {k[5:]: v for k, v in arrays.items() if k.startswith("null/")}
+    for k, v in [*cond.items(), *null.items()]:
+        if v.dtype.kind not in "iuf" or (v.dtype.kind == "f" and not np.isfinite(v).all()):
+            raise ValueError(f"data.path={path!r}: condition {k!r} must hold finite numbers, got {v.dtype}.")
+    try:
+        return ArrayDataset(x, cond, null)
+    except ValueError as e:
+        raise ValueError(f"data.path={path!r}: {e}") from e
 
 
 def load_dataset(cfg: dict[str, Any], encode_fn: Callable[[np.ndarray, list[str]], ArrayDataset] | None = None
@@ -245,10 +432,7 @@ def load_dataset(cfg: dict[str, Any], encode_fn: Callable[[np.ndarray, list[str]
         x, y = digits.load_digits_data("train")
         return ArrayDataset(x, UNetCondition(class_labels=y), UNetCondition(class_labels=np.int32(digits.NULL_CLASS)))
     if d["kind"] == "npz":
-        z = np.load(d["path"])
-        cond = {k[5:]: z[k] for k in z.files if k.startswith("cond/")}
-        null = {k[5:]: z[k] for k in z.files if k.startswith("null/")}
-        return ArrayDataset(z["x"], cond, null)
+        return _load_npz_dataset(d["path"])
     images, captions = load_image_folder(d["path"], d["image_size"])
     if encode_fn is not None:
         return encode_fn(images, captions)
@@ -285,7 +469,13 @@ def unet_config(cfg: dict[str, Any]) -> UNetConfig:
         from perflow_jax.pipelines import digits
 
         return digits.UNET_CONFIG
-    return UNetConfig.from_json(cfg["model"]["unet_config"])
+    path = cfg["model"]["unet_config"]
+    try:
+        return UNetConfig.from_json(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"model.unet_config={path!r} is not a usable UNet config.json: {e}") from e
 
 
 def make_apply_fn(config: UNetConfig, dtype: Any) -> reflow.StudentFn:
@@ -307,8 +497,13 @@ def load_teacher_params(cfg: dict[str, Any], config: UNetConfig) -> dict:
         from perflow_jax.pipelines import digits
 
         path = os.path.join(digits.ASSETS, "teacher.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"teacher.weights={path!r} does not exist.")
     # Full weights in PyTorch layout read exactly like a ΔW file (same keys and shapes).
-    return delta_lib.load_delta(path, unet_param_shapes(config))
+    try:
+        return delta_lib.load_delta(path, unet_param_shapes(config))
+    except ValueError as e:
+        raise ValueError(f"teacher.weights={path!r}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -377,22 +572,154 @@ def make_train_step(rcfg: reflow.ReflowConfig, apply_fn: reflow.StudentFn, tx: o
 
 def _atomic_write_json(path: str, obj: Any) -> None:
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(obj, f, indent=2, allow_nan=False)
+
+
+class NonFiniteLossError(ValueError):
+    """Training diverged: a loss (or the params) became NaN/inf. Nothing from that step on was saved."""
+
+
+# Config keys that do not change the trained weights: a resumed run may change them freely.
+RESUME_FREE_KEYS = frozenset({"output_dir", "train.progress", "train.log_every", "train.checkpoint_every",
+                              "train.keep_checkpoints", "train.sharding"})
+RUN_CONFIG = "run_config.json"  # <output_dir>/checkpoints/run_config.json: the config the checkpoints belong to
+
+
+def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_allow_keys(allow: Sequence[str]) -> None:
+    sections = {k for k, v in DEFAULTS.items() if isinstance(v, dict)}
+    for key in allow:
+        if key != "*" and key not in _SCHEMA and key not in sections:
+            raise ValueError(f"allow-config-change: {key!r} is not a config key; name keys like "
+                             f"train.learning_rate, a section like perflow, or '*' for any key.")
+
+
+def _allowed(key: str, allow: Sequence[str]) -> bool:
+    return "*" in allow or key in allow or key.split(".", 1)[0] in allow
+
+
+def _check_output_dir(out: str) -> None:
+    """Refuse an output folder that cannot be made or written before anything is created."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"output_dir={out!r} exists and is not a folder.")
+    existing = out
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"output_dir={out!r} lies under {existing!r}, which is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir={out!r} cannot be written: {existing!r} is not writable.")
+
+
+def check_resume(cfg: dict[str, Any], allow_config_change: Sequence[str] = ()) -> tuple[int | None, list[str]]:
+    """Whether ``cfg["output_dir"]`` holds checkpoints, and whether `cfg` may continue them (reads only).
+
+    Returns (the latest checkpoint step or None, notes on the config changes made). The checkpoints' config is
+    ``<output_dir>/checkpoints/run_config.json``. A key that differs from it raises ValueError naming each
+    difference (old → new), unless it is in `allow_config_change` (dotted keys, section names or ``*``), in
+    :data:`RESUME_FREE_KEYS` (they do not change the weights), or is ``train.steps`` growing (continuing a run
+    for longer). ``train.steps`` below the latest checkpoint is always refused.
+    """
+    import orbax.checkpoint as ocp
+
+    if isinstance(allow_config_change, str):
+        allow_config_change = [allow_config_change]
+    _check_allow_keys(allow_config_change)
+    out = os.path.abspath(cfg["output_dir"])
+    ckpt_dir = os.path.join(out, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return None, []
+    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+        create=False, enable_async_checkpointing=False))
+    try:
+        latest = manager.latest_step()
+    finally:
+        manager.close()
+    if latest is None:
+        return None, []
+    latest = int(latest)
+    stored_path = os.path.join(ckpt_dir, RUN_CONFIG)
+    if not os.path.isfile(stored_path):  # checkpoints of an older perflow-jax: its final export, if any
+        stored_path = os.path.join(out, "train_config.json")
+    if not os.path.isfile(stored_path):
+        if "*" in allow_config_change:
+            return latest, [f"resuming step {latest} without a stored config (allowed by '*')"]
+        raise ValueError(f"{ckpt_dir} holds checkpoints (step {latest}) but no {RUN_CONFIG}, so its config is "
+                         f"unknown; start in a new output_dir, or resume anyway with --allow-config-change '*'.")
+    try:
+        with open(stored_path, encoding="utf-8") as f:
+            stored = json.load(f)
+        if not isinstance(stored, dict):
+            raise ValueError(f"a JSON {type(stored).__name__}, not an object")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Cannot read the stored run config {stored_path}: {e}.") from e
+    old = {**_flatten(DEFAULTS), **_flatten(stored)}
+    new = _flatten(json.loads(json.dumps(cfg)))
+    diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUME_FREE_KEYS]
+    steps = new.get("train.steps")
+    if steps < latest:
+        raise ValueError(f"train.steps={steps} is below the latest checkpoint, step {latest}, in {ckpt_dir}; "
+                         f"set train.steps >= {latest} or start in a new output_dir.")
+    notes: list[str] = []
+    refused = []
+    for k in diffs:
+        change = f"{k}: {_short(old.get(k), 40)} → {_short(new.get(k), 40)}"
+        if k == "train.steps" and isinstance(old.get(k), int) and steps > old[k]:
+            notes.append(change + (" (cosine lr schedule: stretched to the new length)"
+                                   if new.get("train.lr_schedule") == "cosine" else ""))
+        elif _allowed(k, allow_config_change):
+            notes.append(change + " (allowed)")
+        else:
+            refused.append(k)
+    if refused:
+        changes = "; ".join(f"{k}: {_short(old.get(k), 40)} → {_short(new.get(k), 40)}" for k in refused)
+        raise ValueError(f"{out} holds a run (checkpoint at step {latest}) made with another config ({changes}). "
+                         f"Use the stored values ({stored_path}), start in a new output_dir, or continue under the "
+                         f"new values with --allow-config-change {' '.join(refused)}.")
+    return latest, notes
+
+
+@jax.jit
+def _leaves_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _all_finite(tree: Any) -> bool:
+    """Whether every float in `tree` is finite (one jitted reduction, compiled once per tree)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return not leaves or bool(_leaves_finite(leaves))
 
 
 def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_params: Any = None,
-          callback: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+          callback: Callable[[int, float], None] | None = None,
+          allow_config_change: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or resume) PeRFlow training for a validated config dict; returns a summary.
 
     `dataset` defaults to ``cfg["data"]``; `teacher_params` to ``cfg["teacher"]["weights"]``. `callback(step,
     loss)` runs after each step on the host (raising in it stops the run, e.g. to test resuming).
+
+    Everything is checked before the output folder is created: the config, the folder, the data, the teacher,
+    and, when the folder holds checkpoints, that `cfg` matches the config stored with them
+    (:func:`check_resume`; `allow_config_change` names keys that may differ). A loss or params that become
+    non-finite stop the run with :class:`NonFiniteLossError`; checkpoints and the ΔW are only ever saved finite.
     """
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
+    validate(cfg)
     t = cfg["train"]
     out = os.path.abspath(cfg["output_dir"])
-    os.makedirs(out, exist_ok=True)
+    _check_output_dir(out)
+    resume_step, notes = check_resume(cfg, allow_config_change)
     rcfg = reflow_config(cfg)
     ucfg = unet_config(cfg)
     dtype = jnp.bfloat16 if cfg["model"]["dtype"] == "bfloat16" else jnp.float32
@@ -407,6 +734,17 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
     if micro % n_dev:
         raise ValueError(f"The micro-batch (train.batch_size / train.grad_accum = {micro}) must be divisible by "
                          f"the {n_dev} devices.")
+    is_main = jax.process_index() == 0
+    ckpt_dir = os.path.join(out, "checkpoints")
+    try:  # the first write of the run: nothing above created a file
+        os.makedirs(ckpt_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"Cannot create output_dir={out!r}: {e.strerror or e}.") from e
+    if is_main:
+        _atomic_write_json(os.path.join(ckpt_dir, RUN_CONFIG), cfg)
+        for note in notes:
+            print(f"[perflow-jax] config change on resume: {note}", flush=True)
+
     tx = make_optimizer(t)
     state = init_state(teacher, tx, t["ema_decay"] > 0)
     state_sh = sharding.param_sharding(mesh, state, t["sharding"])
@@ -421,52 +759,72 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
     jitted = jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, batch_sh, batch_sh, None),
                      out_shardings=(state_sh, None), donate_argnums=(0,))
 
-    ckpt_dir = os.path.join(out, "checkpoints")
     manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=t["keep_checkpoints"], create=True, enable_async_checkpointing=False))
     start = 0
-    if manager.latest_step() is not None:
-        start = int(manager.latest_step())
+    if resume_step is not None:
+        start = resume_step
         abstract = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_sh)
         state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
         print(f"[perflow-jax] resumed from {ckpt_dir} at step {start}", flush=True)
 
+    def diverged(step: int, what: str) -> NonFiniteLossError:
+        good = manager.latest_step()
+        kept = (f"the last good checkpoint, step {good}, is kept in {ckpt_dir}; lower train.learning_rate (or "
+                f"check the data) and re-run with --allow-config-change train.learning_rate to resume from it"
+                if good is not None else "no checkpoint was saved yet; lower train.learning_rate (or check the "
+                "data) and re-run")
+        return NonFiniteLossError(f"Training diverged: {what} at step {step}; stopped without saving that step "
+                                  f"(no ΔW exported): {kept}.")
+
+    def check_loss(step: int, loss: jax.Array) -> float:
+        value = float(loss)
+        if not math.isfinite(value):
+            raise diverged(step, f"the loss is {value}")
+        return value
+
     metrics_path = os.path.join(out, "metrics.jsonl")
-    is_main = jax.process_index() == 0
     bar = tqdm(total=t["steps"], initial=start, disable=not (t["progress"] and is_main), desc="perflow", unit="step")
-    pending: list[jax.Array] = []
+    pending: list[tuple[int, jax.Array]] = []
     history: list[dict[str, Any]] = []
     t_log, step_log = time.time(), start
     last_loss = float("nan")
-    for s in range(start, t["steps"]):
-        idx = batch_indices(len(dataset), t["seed"], s, t["batch_size"]).reshape(t["grad_accum"], micro)
-        x, cond = sharding.global_tree(dataset.rows(idx), batch_sh)
-        state, loss = jitted(state, teacher, x, cond, null)
-        pending.append(loss)
-        done = s + 1
-        bar.update(1)
-        if callback is not None:
-            callback(done, float(loss))
-        if done % t["log_every"] == 0 or done == t["steps"]:
-            losses = [float(v) for v in jax.device_get(pending)]
-            pending = []
-            now = time.time()
-            last_loss = float(np.mean(losses))
-            row = {"step": done, "loss": last_loss, "steps_per_sec": (done - step_log) / max(now - t_log, 1e-9),
-                   "time": now}
-            t_log, step_log = now, done
-            history.append(row)
-            bar.set_postfix(loss=f"{last_loss:.4f}")
-            if is_main:
-                print(json.dumps(row), flush=True)
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-        if done % t["checkpoint_every"] == 0 or done == t["steps"]:
-            manager.save(done, args=ocp.args.StandardSave(state))
-            manager.wait_until_finished()
-    bar.close()
-    manager.close()
+    try:
+        for s in range(start, t["steps"]):
+            idx = batch_indices(len(dataset), t["seed"], s, t["batch_size"]).reshape(t["grad_accum"], micro)
+            x, cond = sharding.global_tree(dataset.rows(idx), batch_sh)
+            state, loss = jitted(state, teacher, x, cond, null)
+            if pending:  # the previous step's loss, read while this step runs (keeps the device busy)
+                check_loss(*pending[-1])
+            done = s + 1
+            pending.append((done, loss))
+            bar.update(1)
+            if callback is not None:
+                callback(done, float(loss))
+            if done % t["log_every"] == 0 or done == t["steps"]:
+                losses = [check_loss(i, v) for i, v in pending]
+                pending = []
+                now = time.time()
+                last_loss = float(np.mean(losses))
+                row = {"step": done, "loss": last_loss, "steps_per_sec": (done - step_log) / max(now - t_log, 1e-9),
+                       "time": now}
+                t_log, step_log = now, done
+                history.append(row)
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+                if is_main:
+                    print(json.dumps(row), flush=True)
+                    with open(metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+            if done % t["checkpoint_every"] == 0 or done == t["steps"]:
+                check_loss(done, loss)
+                if not _all_finite((state["params"], state["ema"])):
+                    raise diverged(done, "the params became non-finite")
+                manager.save(done, args=ocp.args.StandardSave(state))
+                manager.wait_until_finished()
+    finally:
+        bar.close()
+        manager.close()
 
     final = state["ema"] if state["ema"] is not None else state["params"]
     delta = delta_lib.extract(jax.device_get(final), jax.device_get(teacher))
@@ -481,15 +839,16 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
     return result
 
 
-def train_from_config(config_path: str, overrides: list[str]) -> dict:
+def train_from_config(config_path: str, overrides: list[str], allow_config_change: Sequence[str] = ()) -> dict:
     """Load a YAML config with ``key=value`` overrides, validate it, and train; returns a JSON-able summary
-    (output folder, ΔW and scheduler config paths, final loss, logged metrics)."""
+    (output folder, ΔW and scheduler config paths, final loss, logged metrics). `allow_config_change`: config
+    keys that may differ from those of the checkpoints being resumed (see :func:`check_resume`)."""
     cfg = load_config(config_path, overrides)
-    result = train(cfg)
+    result = train(cfg, allow_config_change=allow_config_change)
     result.pop("params", None)
     return result
 
 
-__all__ = ["ArrayDataset", "DEFAULTS", "batch_indices", "init_state", "load_config", "load_dataset",
-           "make_apply_fn", "make_optimizer", "make_train_step", "reflow_config", "train",
-           "train_from_config", "validate"]
+__all__ = ["ArrayDataset", "DEFAULTS", "NonFiniteLossError", "RESUME_FREE_KEYS", "RUN_CONFIG", "batch_indices",
+           "check_resume", "init_state", "load_config", "load_dataset", "make_apply_fn", "make_optimizer",
+           "make_train_step", "read_yaml", "reflow_config", "train", "train_from_config", "validate"]
