@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -195,15 +197,35 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def _version(module: str) -> str:
+    """`module`'s version, or "not installed" (the PyTorch side is optional with --no-torch --model)."""
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def required_modules(args: argparse.Namespace) -> list[str]:
+    """What this run imports beyond perflow-jax's own dependencies: the PyTorch side (unless --no-torch), the
+    libraries that build a random-weight preset (unless --model), matplotlib for the report's chart."""
+    need = []
+    if not args.no_torch or args.model is None:
+        need += ["torch", "diffusers"]
+    if args.out or args.write_docs:
+        need.append("matplotlib")
+    return [m for m in dict.fromkeys(need) if not _installed(m)]
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as missing
+        return False
+
+
 def environment(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     """Machine, versions, date and load, for the report."""
-    import diffusers
-    import flax
     import jax
-    import jaxlib
-    import numpy
-    import torch
-    import transformers
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -217,30 +239,38 @@ def environment(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]
         "command": "python scripts/benchmark.py " + " ".join(argv),
         "machine": f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
         "jax_device": f"{dev.device_kind} ({jax.default_backend()}), {jax.device_count()} device(s)",
-        "torch_device": _torch_device(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_device": None if args.no_torch else _torch_device(),
+        "torch_threads": None if args.no_torch else _torch_threads(),
         "loadavg_start": list(os.getloadavg()),
-        "versions": {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                     "flax": flax.__version__, "numpy": numpy.__version__, "torch": torch.__version__,
-                     "diffusers": diffusers.__version__, "transformers": transformers.__version__},
+        "versions": {"python": platform.python_version(),
+                     **{m: _version(m) for m in ("jax", "jaxlib", "flax", "numpy", "torch", "diffusers",
+                                                 "transformers")}},
     }
 
 
 def _quiet() -> None:
     """No per-call truncation warnings or progress bars from diffusers / transformers."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import diffusers
     import transformers
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    if _installed("diffusers"):
+        import diffusers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
 
 
 def _torch_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _jax_dtype(name: str) -> Any:
@@ -626,8 +656,9 @@ def render_markdown(res: dict[str, Any], chart_name: str | None) -> str:
         "## Setup",
         "",
         f"- Date: {env['date_utc']}; command: `{env['command']}`",
-        f"- Machine: {env['machine']}; JAX device: {env['jax_device']}; PyTorch device: {env['torch_device']} "
-        f"({env['torch_threads']} intra-op threads)",
+        f"- Machine: {env['machine']}; JAX device: {env['jax_device']}; "
+        + (f"PyTorch device: {env['torch_device']} ({env['torch_threads']} intra-op threads)"
+           if env.get("torch_device") else "PyTorch side skipped (--no-torch)"),
         f"- Load average (1/5/15 min) at start: {', '.join(f'{x:.2f}' for x in env['loadavg_start'])}; at end: "
         f"{', '.join(f'{x:.2f}' for x in res['loadavg_end'])}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
@@ -877,6 +908,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.resolution = 32 if (args.preset == "tiny" and args.model is None) else 512
     if args.probe:
         return probe_main(args)
+    missing = [] if args.from_json else required_modules(args)
+    if missing:
+        why = ("--model DIR with --no-torch needs neither" if args.model is None and args.no_torch else
+               "install the test extras (pip install -e \".[test]\" -c constraints/test.txt)")
+        print(f"perflow-jax bench: error: this run needs {' and '.join(missing)}, not installed here: the presets "
+              f"are built, and the PyTorch side runs, with PyTorch diffusers; {why}.", file=sys.stderr)
+        return 2
     if args.from_json:
         res = _read_json(args.from_json)
         if args.notes:
@@ -902,9 +940,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     + ("the published SD1.5 architecture from `perflow_jax/models/configs/sd15`: UNet 860M params, "
                        "CLIP ViT-L/14 text encoder, VAE)" if args.preset == "sd15"
                        else f"configs in `scripts/configs/{args.preset}`)"))
-        import torch
+        if args.torch_threads and not args.no_torch:
+            import torch
 
-        if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
         env = environment(args, argv)
         res: dict[str, Any] = {"environment": env}
@@ -932,7 +970,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res["scheduler"] = bench_scheduler(jpipe, tpipe, res["grid"], args)
         if not args.no_torch:
             res["convs"] = bench_convs(jpipe, args)
-        if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        if jax.default_backend() == "gpu" and not args.no_torch and _torch_device() == "cuda":
             res["gpu"] = bench_gpu(jpipe, folder, args)
         res["loadavg_end"] = list(os.getloadavg())
         if args.notes:

@@ -515,6 +515,19 @@ def test_training_digits_data_needs_no_sklearn(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ValueError, match="needs scikit-learn"):
         digits.load_digits_data("train", seed=1)
 
+
+def test_files_bench_without_pytorch(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench --no-torch` on a preset needs diffusers to build the random-weight model: a clear error, exit 2, when
+    it is missing (with --model DIR the --no-torch run imports neither torch nor diffusers)."""
+    import sys
+
+    for name in ("torch", "diffusers"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert main(["bench", "--no-torch", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "needs torch and diffusers, not installed here" in err and "--model DIR with --no-torch" in err
+
+
 ROWS = FILE_ROWS + NUMBER_ROWS + TRAINING_ROWS
 
 
