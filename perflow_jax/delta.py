@@ -22,6 +22,7 @@ from perflow_jax.io import atomic_file
 from perflow_jax.models.convert import torch_state_dict, torch_to_flax
 from perflow_jax.models.mismatch import ConversionError, compare_shapes
 from perflow_jax.models.weights_io import find_weights_file, load_state_dict
+from perflow_jax.values import check_finite_arrays, check_float, check_float_tensor
 
 DELTA_FILE = "delta_weights.safetensors"
 
@@ -57,10 +58,18 @@ def load_delta(path: str | os.PathLike, unet_params: Mapping, variant: str | Non
       unet_params: the UNet's params (arrays or ShapeDtypeStructs): the structure ΔW must match.
       variant: weights variant of a UNet-format folder (e.g. ``"fp16"``).
       dtype: cast ΔW to this dtype (default: keep the file's).
+
+    Raises:
+      ConversionError (a ValueError): a file that cannot be read (truncated, not safetensors), or a ΔW whose
+        keys and shapes do not fit this UNet (another model family). ValueError: a tensor that is not floating
+        point (a bool ΔW would add 1 to every weight) or holds NaN/inf, also after the float32 cast.
     """
     file = resolve_delta_file(path, variant)
+    state_dict = load_state_dict(file)  # an unreadable file is its own error, not a family mismatch
+    for key, value in state_dict.items():
+        check_float_tensor(value, file, key)
     try:
-        return torch_to_flax(load_state_dict(file), unet_params, dtype=dtype, what="UNet (PeRFlow ΔW)")
+        return torch_to_flax(state_dict, unet_params, dtype=dtype, what="UNet (PeRFlow ΔW)")
     except ConversionError as e:
         raise ConversionError(f"The ΔW in {file!r} does not match this UNet; is it for this model family "
                               f"(SD1.5 / SD2.1 / SDXL)?\n{e}") from e
@@ -74,16 +83,26 @@ def _check_same_tree(a: Mapping, b: Mapping, what: str) -> None:
 
 
 def merge(unet_params: Mapping, delta: Mapping, scale: float = 1.0) -> dict:
-    """W + scale·ΔW, added in float32 and cast back to each param's dtype."""
+    """W + scale·ΔW, added in float32 and cast back to each param's dtype.
+
+    Raises ValueError for a non-finite `scale` and for a merge whose result is not finite (float32 overflow, or
+    overflow of the params' own dtype, e.g. fp16).
+    """
+    scale = check_float("the ΔW scale", scale)
     _check_same_tree(unet_params, delta, "merge(unet_params, delta)")
-    return jax.tree_util.tree_map(
+    merged = jax.tree_util.tree_map(
         lambda w, d: (jnp.asarray(w, jnp.float32) + scale * jnp.asarray(d, jnp.float32)).astype(jnp.asarray(w).dtype),
         dict(unet_params), dict(delta))
+    flat = traverse_util.flatten_dict(merged)
+    check_finite_arrays((("/".join(p), v) for p, v in flat.items()), f"Merging ΔW (scale {scale}) into the UNet")
+    return merged
 
 
 def merger(path: str | os.PathLike, scale: float = 1.0) -> Callable[[Mapping], dict]:
     """``params -> params + scale·ΔW`` for the ΔW at `path`, read against the params it is given (for
     ``models.components.convert_to_flax(unet_transform=...)``)."""
+
+    scale = check_float("the ΔW scale", scale)
 
     def apply(unet_params: Mapping) -> dict:
         return merge(unet_params, load_delta(path, unet_params), scale)

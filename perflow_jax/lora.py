@@ -39,6 +39,7 @@ from perflow_jax.models.keymap import to_flax_layout, torch_key
 from perflow_jax.models.mismatch import KeyMismatch
 from perflow_jax.models.single_file import rewrite_key, unet_ldm_table
 from perflow_jax.models.weights_io import read_safetensors, read_safetensors_metadata
+from perflow_jax.values import check_finite_arrays, check_float, check_float_tensor
 
 __all__ = ["LoRA", "LoRAError", "LoRAModule", "load_lora", "merge_loras"]
 
@@ -119,6 +120,11 @@ def load_lora(path: str | os.PathLike) -> LoRA:
     sd = read_safetensors(path)
     if not sd:
         raise LoRAError(f"{path!r} holds no tensors.")
+    for key, value in sd.items():
+        try:
+            check_float_tensor(value, path, key, integers_ok=key.endswith("alpha"))
+        except ValueError as e:
+            raise LoRAError(str(e)) from e
     extras = sorted({k.split(".")[-2] if k.endswith(".weight") else k.split(".")[-1] for k in sd
                      if any(s in k for s in ("dora_scale", "lora_mid", "hada_", "lokr_", "lora_magnitude"))})
     if extras:
@@ -147,15 +153,26 @@ def load_lora(path: str | os.PathLike) -> LoRA:
     metadata = _read_metadata(path) if layout == "diffusers" else {}
     modules = {}
     for (component, module), p in parts.items():
-        if "alpha" in p:
-            alpha = float(np.asarray(p["alpha"]).reshape(()))
-        else:
-            alpha = _peft_alpha(metadata, component, module)
+        try:
+            alpha = float(np.asarray(p["alpha"]).reshape(())) if "alpha" in p else _peft_alpha(metadata, component,
+                                                                                                 module)
+        except (TypeError, ValueError) as e:
+            raise LoRAError(f"{path!r}: unreadable alpha for {component}:{module} ({e}).") from e
+        if alpha is not None and not np.isfinite(alpha):
+            raise LoRAError(f"{path!r}: the alpha of {component}:{module} must be a finite number, got {alpha}.")
         if p["down"].shape[0] != p["up"].shape[1]:
             raise LoRAError(f"{path!r}: {component}:{module} has down {p['down'].shape} and up {p['up'].shape} "
                             "with different ranks.")
         modules[(component, module)] = LoRAModule(p["down"], p["up"], alpha)
     return LoRA(path, layout, modules)
+
+
+def _check_scale(lora: LoRA, scale: Any) -> float:
+    """A LoRA's merge scale as a finite float; the error names the file."""
+    try:
+        return check_float(f"The scale of LoRA {lora.path!r}", scale)
+    except ValueError as e:
+        raise LoRAError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,7 +212,7 @@ def merge_loras(components: PipelineComponents, loras: Iterable[tuple[LoRA, floa
       LoRAError: modules the model lacks (listed, with the component), components the model lacks (e.g. an
         SDXL LoRA's ``text_encoder_2`` on SD1.5), or shape mismatches (a LoRA for another model family).
     """
-    loras = list(loras)
+    loras = [(lora, _check_scale(lora, scale)) for lora, scale in loras]
     params = {"unet": components.unet_params, "text_encoder": components.text_encoder_params,
               "text_encoder_2": components.text_encoder_2_params}
     tables: dict[str, dict[str, tuple[str, ...]]] = {}
@@ -214,14 +231,16 @@ def merge_loras(components: PipelineComponents, loras: Iterable[tuple[LoRA, floa
                 report.missing.append(f"{component}:{module}")
                 continue
             kernel = flats[component][target + ("kernel",)]
-            delta = weights.delta()
+            with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow is reported after the merge
+                delta = weights.delta()
             flax_delta = to_flax_layout(delta, "kernel", tuple(kernel.shape))
             if flax_delta.shape != tuple(kernel.shape):
                 report.misshaped.append(f"{component}:{module}: LoRA up@down {delta.shape} (rank {weights.rank}) vs "
                                         f"the model's {'/'.join(target)}/kernel {tuple(kernel.shape)}")
                 continue
             key = (component, target + ("kernel",))
-            sums[key] = sums.get(key, 0.0) + np.float32(scale) * flax_delta
+            with np.errstate(over="ignore", invalid="ignore"):
+                sums[key] = sums.get(key, 0.0) + np.float32(scale) * flax_delta
     report.missing[:0] = [f"{c}: {n} modules (this model has no {c})" for c, n in absent.items()]
     names = ", ".join(os.path.basename(lora.path) for lora, _ in loras)
     report.raise_if_any(
@@ -236,7 +255,13 @@ def merge_loras(components: PipelineComponents, loras: Iterable[tuple[LoRA, floa
         for (c, path), d in sums.items():
             if c == component:
                 w = np.asarray(flat[path])
-                flat[path] = (w.astype(np.float32) + d).astype(w.dtype)
+                with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
+                    flat[path] = (w.astype(np.float32) + d).astype(w.dtype)
+        try:
+            check_finite_arrays(((f"{component}:{'/'.join(p)}", flat[p]) for c, p in sums if c == component),
+                                f"Merging the LoRA(s) {names}")
+        except ValueError as e:
+            raise LoRAError(str(e)) from e
         merged[component] = traverse_util.unflatten_dict(flat)
     return dataclasses.replace(components, unet_params=merged["unet"], text_encoder_params=merged["text_encoder"],
                                text_encoder_2_params=merged["text_encoder_2"])

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from perflow_jax import values
 from perflow_jax.schedulers import Scheduler
 
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -39,6 +40,7 @@ def sample(scheduler: Scheduler, state: Any, denoise_fn: Denoiser, latents: jax.
     ``return_trajectory`` the second output stacks the sample after each step run.
     """
     n = state.timesteps.shape[0]
+    start_step = values.check_int("start_step", start_step)  # static: it sets the scan's length
     if not 0 <= start_step < n:
         raise ValueError(f"start_step must be in [0, {n}) for a {n}-step schedule, got {start_step}.")
     keys = jax.random.split(key, n - start_step) if key is not None else None

@@ -234,3 +234,43 @@ def test_errors_say_what_was_found(folders, tmp_path) -> None:
     found = r"(?s)text_encoder_2: 12 modules \(this model has no text_encoder_2\).*shape mismatches.*attn2_to_k"
     with pytest.raises(LoRAError, match=found):
         merge_loras(comps, [(load_lora(xl), 1.0)])
+
+
+def _digits_components():
+    """Minimal components around the built-in digits UNet (zero weights), for merge checks without a pipeline."""
+    from perflow_jax.models.components import PipelineComponents
+    from perflow_jax.models.unet import unet_param_shapes
+    from perflow_jax.pipelines import digits
+
+    params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), unet_param_shapes(digits.UNET_CONFIG))
+    return PipelineComponents("digits", "sd", {}, digits.UNET_CONFIG, params, None, None, None, None, None, None)
+
+
+def test_non_finite_loras_are_refused(tmp_path) -> None:
+    """NaN/inf or non-float LoRA tensors are refused on load (file and tensor named); a non-finite scale and a
+    merge that overflows float32 are refused at merge, naming the LoRA."""
+    comps = _digits_components()
+    ok = str(tmp_path / "ok.safetensors")
+    save_file({"unet.time_embedding.linear_1.lora_A.weight": np.full((1, 16), 1e20, np.float32),
+               "unet.time_embedding.linear_1.lora_B.weight": np.full((64, 1), 1e20, np.float32)}, ok)
+    lora = load_lora(ok)  # each tensor is finite; up @ down (1e40) overflows float32
+    with pytest.raises(LoRAError, match=r"Merging the LoRA\(s\) ok.safetensors: unet:time_embedding/linear_1/kernel "
+                                        r"has NaN or infinite values"):
+        merge_loras(comps, [(lora, 1.0)])
+    for scale in (float("nan"), float("inf"), "1"):
+        with pytest.raises(LoRAError, match=r"scale of LoRA '.*ok.safetensors' must be a"):
+            merge_loras(comps, [(lora, scale)])
+    bad = str(tmp_path / "bad.safetensors")
+    save_file({"lora_unet_a.lora_down.weight": np.ones((1, 2), np.float32),
+               "lora_unet_a.lora_up.weight": np.ones((2, 1), np.float32),
+               "lora_unet_a.alpha": np.array(np.inf, np.float32)}, bad)
+    with pytest.raises(LoRAError, match=r"bad.safetensors': tensor 'lora_unet_a.alpha' holds NaN or infinite"):
+        load_lora(bad)
+    save_file({"lora_unet_a.lora_down.weight": np.ones((1, 2), np.float32),
+               "lora_unet_a.lora_up.weight": np.ones((2, 1), np.float32),
+               "lora_unet_a.alpha": np.array(4, np.int64)}, bad)
+    assert load_lora(bad).modules[("unet", "a")].alpha == 4.0  # an integer alpha is fine
+    save_file({"unet.time_embedding.linear_1.lora_A.weight": np.ones((1, 16), np.float32),
+               "unet.time_embedding.linear_1.lora_B.weight": np.ones((64, 1), np.float32)}, ok)
+    merged = merge_loras(comps, [(load_lora(ok), np.float32(0.5))])  # NumPy scalars are numbers too
+    np.testing.assert_array_equal(merged.unet_params["time_embedding"]["linear_1"]["kernel"], 0.5)

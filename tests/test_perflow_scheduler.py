@@ -283,7 +283,7 @@ def test_bad_config(kwargs: dict, match: str) -> None:
 
 def test_bad_inputs(tmp_path) -> None:
     cfg = PeRFlowConfig()
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer ≥ 1, got 0"):
         perflow.set_timesteps(cfg, 0)
     with pytest.raises(ValueError, match="t_clean, t_noise"):
         perflow.window_bounds(cfg, jnp.array([0.5, 1.2]))
@@ -303,3 +303,52 @@ def test_bad_inputs(tmp_path) -> None:
         PeRFlowConfig.from_json(tmp_path)
     with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
         PeRFlowConfig.from_json(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("T,K,t_clean", [(1000, 1, 0.0), (1000, 4, 0.0), (1000, 7, 0.0), (37, 3, 0.0),
+                                         (100, 4, 0.013), (10, 8, 0.0)])
+def test_max_inference_steps_is_exact(T: int, K: int, t_clean: float) -> None:
+    """``max_inference_steps`` is the largest step count whose reference timesteps all lie above t_clean (brute
+    force over every count up to past it); it runs with finite steps, and one more is refused with the limit named."""
+    cfg = PeRFlowConfig(num_train_timesteps=T, num_time_windows=K, t_clean=t_clean, prediction_type="diff_eps")
+    limit = perflow.max_inference_steps(cfg)
+    ok = []
+    for n in range(1, limit + 2 * K + 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ts = perflow.reference_timesteps(cfg, n)
+        ok.append(bool(np.all(ts.astype(np.float32) / np.float32(T) > np.float32(t_clean))))
+    assert all(ok[:limit]) and not ok[limit], (limit, ok.index(False) + 1)
+    state = perflow.set_timesteps(cfg, limit)
+    for name in ("dt", "lambda_t", "eta_t", "window_end"):
+        assert np.all(np.isfinite(np.asarray(getattr(state, name)))), name
+    x = jnp.ones((1, 4))
+    assert np.all(np.isfinite(np.asarray(perflow.step(cfg, state, x, limit - 1, x)[0])))
+    with pytest.raises(ValueError, match=rf"num_inference_steps={limit + 1} is too many .* at most {limit} steps"):
+        perflow.set_timesteps(cfg, limit + 1)
+
+
+def test_step_limits_of_the_shipped_configs() -> None:
+    """The digits model (K = 1) holds 1000 steps; SD's PeRFlow (K = 4) 1003 (the issue's --steps 1001 and 10000)."""
+    assert perflow.max_inference_steps(PeRFlowConfig(num_time_windows=1)) == 1000
+    assert perflow.max_inference_steps(PeRFlowConfig(num_time_windows=4)) == 1003
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"beta_start": 0.02, "beta_end": 0.01}, "exceeds beta_end"),
+    ({"beta_start": float("nan")}, "beta_start must be a finite number"),
+    ({"t_clean": float("inf")}, "t_clean must be a finite number"),
+    ({"num_time_windows": 1001}, "num_time_windows=1001 is too many"),
+    ({"num_time_windows": 4.0}, "num_time_windows must be a positive integer"),
+])
+def test_bad_numbers_in_config(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        PeRFlowConfig(**kwargs)
+
+
+def test_step_counts_accept_numpy_integers() -> None:
+    cfg = PeRFlowConfig()
+    assert perflow.set_timesteps(cfg, np.int64(4)).num_inference_steps == 4
+    for bad in (4.0, True, "4"):
+        with pytest.raises(TypeError, match="num_inference_steps must be an int"):
+            perflow.set_timesteps(cfg, bad)

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax.models.config_io import read_config_json
+from perflow_jax import values
+from perflow_jax.models.config_io import CONFIG_NAME, read_config_json
 from perflow_jax.models.convert import load_params
 
 HIDDEN_ACTS = ("quick_gelu", "gelu")
@@ -58,8 +59,9 @@ class CLIPTextConfig:
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                 f"{self.num_attention_heads}."
             )
-        if not self.layer_norm_eps > 0:
+        if not values.check_float("CLIPTextConfig.layer_norm_eps", self.layer_norm_eps) > 0:
             raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}.")
+        values.check_int("CLIPTextConfig.eos_token_id", self.eos_token_id, min_value=0)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CLIPTextConfig:
@@ -79,8 +81,13 @@ class CLIPTextConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> CLIPTextConfig:
-        """Read ``config.json`` (or the folder holding it)."""
-        return cls.from_dict(read_config_json(path))
+        """Read ``config.json`` (or the folder holding it); errors name the file."""
+        d = read_config_json(path)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else os.fspath(path)
+            raise ValueError(f"{file!r}: {e}") from e
 
 
 class CLIPTextOutput(NamedTuple):

@@ -9,6 +9,7 @@ Tokenizers are transformers' ``CLIPTokenizer`` read from the local ``vocab.json`
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable
@@ -47,8 +48,57 @@ class PipelineComponents:
     tokenizer_2: Any = None
 
 
-def load_tokenizer(folder: str) -> Any:
-    """transformers' CLIPTokenizer from local files only (``vocab.json`` + ``merges.txt``, or ``tokenizer.json``)."""
+def _check_tokenizer_files(folder: str) -> None:
+    """Check ``vocab.json``, ``merges.txt`` and the tokenizer's JSON configs (where present) before the tokenizer
+    library reads them, so a broken file is named (the library's own error names neither the file nor the line)."""
+    vocab = os.path.join(folder, "vocab.json")
+    if os.path.isfile(vocab):
+        try:
+            with open(vocab, encoding="utf-8") as f:
+                table = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{vocab!r} is not valid JSON ({e}); copy it again from the base model's tokenizer/ "
+                             "folder.") from e
+        if not isinstance(table, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in table.items()):
+            raise ValueError(f"{vocab!r} must be a JSON object mapping each token to its integer id; copy it again "
+                             "from the base model's tokenizer/ folder.")
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    ok = isinstance(json.load(f), dict)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path!r} is not valid JSON ({e}).") from e
+            if not ok:
+                raise ValueError(f"{path!r} must hold a JSON object.")
+    merges = os.path.join(folder, "merges.txt")
+    if os.path.isfile(merges):
+        try:
+            with open(merges, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{merges!r} is not UTF-8 text ({e}); copy it again from the base model's tokenizer/ "
+                             "folder.") from e
+        for number, line in enumerate(lines, 1):
+            if line and not line.startswith("#version") and len(line.split(" ")) != 2:
+                raise ValueError(f"{merges!r} line {number} is not a merge (two tokens separated by one space): "
+                                 f"{line[:60]!r}; copy the file again from the base model's tokenizer/ folder.")
+
+
+def load_tokenizer(folder: str, max_length: int | None = None) -> Any:
+    """transformers' CLIPTokenizer from local files only (``vocab.json`` + ``merges.txt``, or ``tokenizer.json``).
+
+    Args:
+      folder: the tokenizer folder.
+      max_length: the text encoder's ``max_position_embeddings``: a ``model_max_length`` above it (transformers
+        sets 1e30 when the tokenizer config has none) is capped to it, since the encoder reads no more tokens.
+
+    Raises:
+      FileNotFoundError: no tokenizer files. ValueError: a broken ``vocab.json``/``merges.txt`` or tokenizer
+        config (the file is named), or a ``model_max_length`` that is not a positive integer.
+    """
     missing = [f for f in TOKENIZER_FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
         raise FileNotFoundError(
@@ -56,9 +106,26 @@ def load_tokenizer(folder: str) -> Any:
             "or a tokenizer.json (save it with tokenizer.save_pretrained, or copy them from the base model's "
             "tokenizer/ folder)."
         )
+    _check_tokenizer_files(folder)
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # the tokenizers library raises bare Exceptions for broken files
+        raise ValueError(f"Could not load the CLIP tokenizer in {folder!r} ({type(e).__name__}: {e}); check its "
+                         "vocab.json, merges.txt and tokenizer_config.json.") from e
+    length = tokenizer.model_max_length
+    if isinstance(length, bool) or not isinstance(length, int | float) or not length >= 1 or (
+            isinstance(length, float) and not length.is_integer()):
+        raise ValueError(f"{os.path.join(folder, 'tokenizer_config.json')!r}: model_max_length must be a positive "
+                         f"integer (the text encoder's max_position_embeddings, 77 for SD), got {length!r}.")
+    if max_length is not None and length > max_length:
+        length = max_length
+    if length > 2**20:  # e.g. transformers' 1e30 "unset" with no text encoder to cap it by
+        raise ValueError(f"{os.path.join(folder, 'tokenizer_config.json')!r}: model_max_length={length!r} is not a "
+                         "usable length; set it to the text encoder's max_position_embeddings (77 for SD).")
+    tokenizer.model_max_length = int(length)
+    return tokenizer
 
 
 def _subfolder(root: str, name: str) -> str:
@@ -114,7 +181,7 @@ def load_pipeline_components(path_or_repo_id: str | os.PathLike, dtype: Any = No
     vae_config, vae_params = _load_model("vae", _subfolder(root, "vae"), **load)
     te_config, te_params = _load_model("text_encoder", _subfolder(root, "text_encoder"), **load,
                                        with_projection=False)
-    tokenizer = load_tokenizer(_subfolder(root, "tokenizer"))
+    tokenizer = load_tokenizer(_subfolder(root, "tokenizer"), max_length=te_config.max_position_embeddings)
     sched_path = os.path.join(root, "scheduler", "scheduler_config.json")
     scheduler_config = read_json(sched_path) if os.path.isfile(sched_path) else None
 
@@ -123,7 +190,8 @@ def load_pipeline_components(path_or_repo_id: str | os.PathLike, dtype: Any = No
     if family == "sdxl":
         comps.text_encoder_2_config, comps.text_encoder_2_params = _load_model(
             "text_encoder_2", _subfolder(root, "text_encoder_2"), **load, with_projection=True)
-        comps.tokenizer_2 = load_tokenizer(_subfolder(root, "tokenizer_2"))
+        comps.tokenizer_2 = load_tokenizer(_subfolder(root, "tokenizer_2"),
+                                           max_length=comps.text_encoder_2_config.max_position_embeddings)
     return comps
 
 

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax.models.config_io import read_config_json
+from perflow_jax import values
+from perflow_jax.models.config_io import CONFIG_NAME, read_config_json
 from perflow_jax.models.convert import load_params
 from perflow_jax.models.layers import (
     Attention,
@@ -74,6 +75,58 @@ _IRRELEVANT = {"resnet_skip_time_act", "resnet_out_scale_factor", "mid_block_onl
 def _tupleize(v: Any) -> Any:
     """JSON lists → (nested) tuples, so the config is hashable."""
     return tuple(_tupleize(x) for x in v) if isinstance(v, list | tuple) else v
+
+
+# Integer fields: name → (minimum, how deep lists may nest (1: one per block, 2: per block and layer), None ok).
+_INT_FIELDS: dict[str, tuple[int, int, bool]] = {
+    "sample_size": (1, 1, True), "in_channels": (1, 0, False), "out_channels": (1, 0, False),
+    "layers_per_block": (1, 1, False), "downsample_padding": (0, 0, False),
+    "cross_attention_dim": (1, 1, False), "transformer_layers_per_block": (0, 2, False),
+    "reverse_transformer_layers_per_block": (0, 2, True), "attention_head_dim": (1, 1, True),
+    "num_attention_heads": (1, 1, True), "addition_time_embed_dim": (1, 0, True),
+    "projection_class_embeddings_input_dim": (1, 0, True), "num_class_embeds": (1, 0, True),
+    "time_embedding_dim": (1, 0, True), "conv_in_kernel": (1, 0, False), "conv_out_kernel": (1, 0, False),
+}
+_BOOL_FIELDS = ("center_input_sample", "flip_sin_to_cos", "use_linear_projection", "upcast_attention")
+
+
+def _ints_ok(value: Any, minimum: int, depth: int) -> bool:
+    """An int ≥ `minimum` (not a bool), or a non-empty tuple of such, nested at most `depth` deep."""
+    if isinstance(value, tuple):
+        return depth > 0 and len(value) > 0 and all(_ints_ok(v, minimum, depth - 1) for v in value)
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_field_types(cfg: UNetConfig) -> None:
+    """Refuse config values of the wrong type or range (``cross_attention_dim: null``, a string, NaN, ...) with
+    the field's name, before they fail somewhere inside the model."""
+    if not (isinstance(cfg.block_out_channels, tuple) and _ints_ok(cfg.block_out_channels, 1, 1)):
+        raise ValueError(f"UNet config block_out_channels must be a list of positive integers, got "
+                         f"{cfg.block_out_channels!r}.")
+    for name, (minimum, depth, optional) in _INT_FIELDS.items():
+        value = getattr(cfg, name)
+        if (value is None and optional) or _ints_ok(value, minimum, depth):
+            continue
+        what = ("a positive integer" if minimum == 1 else "a non-negative integer") + (
+            "", " or a list of them (one per block)", " or a (nested) list of them")[depth]
+        if name == "sample_size":
+            what = "a positive integer or a [height, width] pair"
+        raise ValueError(f"UNet config {name} must be {what}{' or null' if optional else ''}, got {value!r}.")
+    if cfg.attention_head_dim is None and cfg.num_attention_heads is None:
+        raise ValueError("UNet config needs num_attention_heads or attention_head_dim (both are null).")
+    for name in _BOOL_FIELDS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"UNet config {name} must be true or false, got {getattr(cfg, name)!r}.")
+    only = cfg.only_cross_attention
+    if not (isinstance(only, bool) or (isinstance(only, tuple) and all(isinstance(v, bool) for v in only))):
+        raise ValueError(f"UNet config only_cross_attention must be true/false or one per block, got {only!r}.")
+    for name in ("down_block_types", "up_block_types"):
+        if not isinstance(getattr(cfg, name), tuple):
+            raise ValueError(f"UNet config {name} must be a list of block type names, got {getattr(cfg, name)!r}.")
+    for name in ("freq_shift", "mid_block_scale_factor", "norm_eps"):
+        values.check_float(f"UNet config {name}", getattr(cfg, name))
+    if not cfg.norm_eps > 0:
+        raise ValueError(f"UNet config norm_eps must be positive, got {cfg.norm_eps!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +186,13 @@ class UNetConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> UNetConfig:
-        """Read a diffusers ``config.json`` (or the folder holding it)."""
-        return cls.from_dict(read_config_json(path))
+        """Read a diffusers ``config.json`` (or the folder holding it); errors name the file."""
+        d = read_config_json(path)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else os.fspath(path)
+            raise ValueError(f"{file!r}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,9 +200,11 @@ class UNetConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _tupleize(getattr(self, f.name)))
-        if not isinstance(self.norm_num_groups, int) or self.norm_num_groups <= 0:
+        if isinstance(self.norm_num_groups, bool) or not isinstance(self.norm_num_groups, int) \
+                or self.norm_num_groups <= 0:
             raise ValueError(f"Unsupported UNet config norm_num_groups={self.norm_num_groups!r}; a positive int "
                              "is required (None, i.e. no output GroupNorm, is not supported).")
+        _check_field_types(self)
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise ValueError(f"down_block_types {self.down_block_types} and up_block_types "

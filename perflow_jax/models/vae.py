@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax.models.config_io import read_config_json
+from perflow_jax import values
+from perflow_jax.models.config_io import CONFIG_NAME, read_config_json
 from perflow_jax.models.convert import load_params
 from perflow_jax.models.keymap import rename_torch_attention
 from perflow_jax.models.layers import (
@@ -68,8 +69,11 @@ class VAEConfig:
     def __post_init__(self) -> None:
         for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
             _check_positive_int(name, getattr(self, name))
-        if not self.block_out_channels:
-            raise ValueError("VAEConfig.block_out_channels must not be empty.")
+        if not isinstance(self.block_out_channels, tuple) or not self.block_out_channels:
+            raise ValueError(f"VAEConfig.block_out_channels must be a non-empty list, got {self.block_out_channels!r}.")
+        for name in ("down_block_types", "up_block_types"):
+            if not isinstance(getattr(self, name), tuple):
+                raise ValueError(f"VAEConfig.{name} must be a list of block type names, got {getattr(self, name)!r}.")
         for ch in self.block_out_channels:
             _check_positive_int("block_out_channels entry", ch)
             if ch % self.norm_num_groups:
@@ -85,10 +89,24 @@ class VAEConfig:
                 raise ValueError(f"Unsupported VAE {name} {types}; only {allowed!r} is implemented.")
         if self.act_fn != "silu":
             raise ValueError(f"Unsupported VAE act_fn {self.act_fn!r}; only 'silu' is implemented.")
-        if not self.scaling_factor > 0:
+        if not values.check_float("VAEConfig.scaling_factor", self.scaling_factor) > 0:
             raise ValueError(f"scaling_factor must be positive, got {self.scaling_factor!r}.")
+        if self.shift_factor is not None:
+            values.check_float("VAEConfig.shift_factor", self.shift_factor)
+        size = self.sample_size
+        if size is not None and not all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v > 0
+                                        for v in (size if isinstance(size, tuple) and size else (size,))):
+            raise ValueError(f"VAEConfig.sample_size must be a positive integer or a [height, width] pair, "
+                             f"got {size!r}.")
+        for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"VAEConfig.{name} must be true or false, got {getattr(self, name)!r}.")
         for name in ("latents_mean", "latents_std"):
             stats = getattr(self, name)
+            if stats is not None and not isinstance(stats, tuple):
+                raise ValueError(f"VAEConfig.{name} must be a list of numbers or null, got {stats!r}.")
+            for v in stats or ():
+                values.check_float(f"VAEConfig.{name} entry", v)
             if stats is not None and len(stats) != self.latent_channels:
                 raise ValueError(
                     f"{name} needs latent_channels={self.latent_channels} values, got {len(stats)}."
@@ -112,8 +130,13 @@ class VAEConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> VAEConfig:
-        """Read ``config.json`` (or the folder holding it)."""
-        return cls.from_dict(read_config_json(path))
+        """Read ``config.json`` (or the folder holding it); errors name the file."""
+        d = read_config_json(path)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else os.fspath(path)
+            raise ValueError(f"{file!r}: {e}") from e
 
     @property
     def downscale_factor(self) -> int:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax import sampling, schedulers
+from perflow_jax import sampling, schedulers, values
 from perflow_jax.images import make_grid, save_png
 from perflow_jax.models import adapter
 from perflow_jax.models.adapter import UNetCondition
@@ -126,7 +126,7 @@ class DigitsPipeline:
         self.params = params
         self.scheduler_config = dict(scheduler_config)
         self.default_scheduler = default_scheduler
-        self.default_guidance = float(default_guidance)
+        self.default_guidance = values.check_float("default_guidance", default_guidance, min_value=0.0)
         self._jitted: dict[tuple, Any] = {}
 
     @classmethod
@@ -175,14 +175,21 @@ class DigitsPipeline:
 
     def sample_float(self, labels: Sequence[int], num_inference_steps: int = 4, guidance_scale: float | None = None,
                      seed: int = 0, scheduler: str | None = None) -> np.ndarray:
-        """Samples in [-1, 1] as float32 (B, 1, 8, 8) (for evaluation)."""
-        labels = np.asarray(labels, np.int32).reshape(-1)
-        if labels.size == 0 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
-            raise ValueError(f"labels must be a non-empty sequence of digits 0-9, got {labels.tolist()}.")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}.")
+        """Samples in [-1, 1] as float32 (B, 1, 8, 8) (for evaluation).
+
+        Numbers are checked before anything compiles: `labels` integers 0–9, `num_inference_steps` an int ≥ 1
+        (NumPy integers too), `guidance_scale` a finite number ≥ 0 (as in the SD pipeline; the digits model
+        always mixes u + w·(c − u), so 0 is the unconditional model), `seed` an int in [0, 2**32).
+        """
+        raw = np.asarray(labels).reshape(-1)
+        if raw.size == 0 or raw.dtype.kind not in "iu" or raw.min() < 0 or raw.max() >= NUM_CLASSES:
+            raise ValueError(f"labels must be a non-empty sequence of digits 0-9, got {raw.tolist()}.")
+        labels = raw.astype(np.int32)
+        num_inference_steps = values.check_int("num_inference_steps", num_inference_steps, min_value=1)
+        guidance = (self.default_guidance if guidance_scale is None
+                    else values.check_float("guidance_scale", guidance_scale, min_value=0.0))
+        seed = values.check_seed("seed", seed)
         scheduler = scheduler or self.default_scheduler
-        guidance = self.default_guidance if guidance_scale is None else float(guidance_scale)
         run = self._sampler(scheduler, num_inference_steps, labels.size)
         x = run(self.params, jnp.asarray(labels), jnp.float32(guidance), jnp.uint32(seed))
         return np.asarray(x, np.float32)

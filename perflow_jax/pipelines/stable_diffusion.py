@@ -47,7 +47,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from perflow_jax import delta as delta_lib
-from perflow_jax import sampling, schedulers, sharding
+from perflow_jax import sampling, schedulers, sharding, values
 from perflow_jax.lora import load_lora, merge_loras
 from perflow_jax.models import adapter
 from perflow_jax.models.adapter import UNetCondition
@@ -313,16 +313,15 @@ class StableDiffusionPipeline:
             if len(negatives) != len(prompts):
                 raise ValueError(f"Got {len(negatives)} negative prompts for {len(prompts)} prompts; pass one "
                                  "negative prompt or one per prompt.")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {steps!r}.")
-        if not np.isfinite(guidance) or guidance < 0:
-            raise ValueError(f"guidance_scale must be a finite number ≥ 0, got {guidance!r}.")
+        steps = values.check_int("num_inference_steps", steps, min_value=1)
+        guidance = values.check_float("guidance_scale", guidance, min_value=0.0)
+        values.check_int("seed", seed)  # any int: taken modulo 2**32
         _check_output_type(output_type)
         if isinstance(first_index, bool) or not isinstance(first_index, int | np.integer) or first_index < 0:
             raise ValueError(f"first_index must be an integer ≥ 0, got {first_index!r}.")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be ≥ 1, got {num_images_per_prompt}.")
-        if image is not None and not 0.0 < strength <= 1.0:
+        if image is not None and not 0.0 < values.check_float("strength", strength) <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}.")
         if image is not None and latents is not None:
             raise ValueError("Pass latents or an init image, not both.")
@@ -552,8 +551,10 @@ def load_components(path_or_repo_id: str, *, base: str | None = None, delta: str
     """Components from a diffusers folder / cached repo id or a single-file checkpoint, then ΔW, then LoRAs.
 
     ΔW is merged first because it is defined against the exact base weights (and checked against the whole
-    UNet); LoRAs are stacked on whatever model they are loaded into.
+    UNet); LoRAs are stacked on whatever model they are loaded into. LoRA scales are checked (finite numbers)
+    before anything is loaded.
     """
+    loras = [(f, values.check_float(f"The scale of LoRA {f!r}", scale)) for f, scale in loras]
     if os.path.isfile(path_or_repo_id):
         components = load_single_file(path_or_repo_id, base=base)
     else:
@@ -562,10 +563,13 @@ def load_components(path_or_repo_id: str, *, base: str | None = None, delta: str
                              "tokenizers and scheduler.")
         components = load_pipeline_components(path_or_repo_id, variant=variant, allow_pickle=allow_pickle)
     if delta is not None:
-        components.unet_params = delta_lib.merge(components.unet_params,
-                                                 delta_lib.load_delta(delta, components.unet_params))
+        loaded = delta_lib.load_delta(delta, components.unet_params)
+        try:
+            components.unet_params = delta_lib.merge(components.unet_params, loaded)
+        except ValueError as e:
+            raise ValueError(f"ΔW {delta!r}: {e}") from e
     if loras:
-        components = merge_loras(components, [(load_lora(f), float(scale)) for f, scale in loras])
+        components = merge_loras(components, [(load_lora(f), scale) for f, scale in loras])
     return components
 
 

@@ -7,6 +7,7 @@ for the cosine schedule), which is why schedulers use the float32 rebuild.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -15,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from perflow_jax import values
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
@@ -87,10 +90,18 @@ def check_beta_config(num_train_timesteps: int, beta_start: float, beta_end: flo
     check_positive_int("num_train_timesteps", num_train_timesteps)
     if trained_betas is None:
         check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        beta_start = values.check_float("beta_start", beta_start)
+        beta_end = values.check_float("beta_end", beta_end)
         if not (0.0 < beta_start < 1.0 and 0.0 < beta_end < 1.0):
             raise ValueError(f"beta_start and beta_end must lie in (0, 1), got {beta_start} and {beta_end}.")
+        if beta_schedule != "squaredcos_cap_v2" and beta_start > beta_end:
+            raise ValueError(f"beta_start={beta_start} exceeds beta_end={beta_end}: noise must grow with the "
+                             "timestep (swap them?).")
     else:
-        b = np.asarray(trained_betas, dtype=np.float64)
+        try:
+            b = np.asarray(trained_betas, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"trained_betas must be {num_train_timesteps} numbers in (0, 1): {e}") from e
         if b.shape != (num_train_timesteps,) or not np.all((b > 0) & (b < 1)):
             raise ValueError(
                 f"trained_betas must be {num_train_timesteps} values in (0, 1); got shape {b.shape}."
@@ -100,8 +111,27 @@ def check_beta_config(num_train_timesteps: int, beta_start: float, beta_end: flo
 def check_vp_schedule(cfg: Any) -> None:
     """In a VP config's ``__post_init__``: freeze ``trained_betas`` (a list from JSON) into a hashable tuple
     of floats and validate the beta fields (``num_train_timesteps``, ``beta_*``, ``trained_betas``)."""
-    freeze_sequence(cfg, "trained_betas")
+    try:
+        freeze_sequence(cfg, "trained_betas")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"trained_betas must be a list of numbers or null, got {cfg.trained_betas!r:.80}.") from e
     check_beta_config(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.trained_betas)
+    check_float_fields(cfg)
+
+
+def check_float_fields(cfg: Any) -> None:
+    """Every ``float`` field of a config dataclass must hold a real number that is not NaN; ±inf only where the
+    field's default is infinite (diffusers' "no limit", e.g. ``s_tmax``, ``lambda_min_clipped``). ``None`` is
+    allowed where the field is ``float | None``. A value from a JSON file ("0.1", null, NaN) is refused here."""
+    for f in dataclasses.fields(cfg):
+        kind = str(f.type).replace(" ", "")
+        if kind not in ("float", "float|None"):
+            continue
+        value = getattr(cfg, f.name)
+        if value is None and kind == "float|None":
+            continue
+        default_inf = isinstance(f.default, float) and math.isinf(f.default)
+        values.check_float(f"{type(cfg).__name__}.{f.name}", value, allow_inf=default_inf)
 
 
 def freeze_sequence(cfg: Any, name: str, cast: Callable[[Any], Any] = float) -> None:
@@ -140,8 +170,7 @@ def check_unsupported(cfg: Any, **unsupported: Any) -> None:
 
 
 def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int) -> int:
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int | np.integer):
-        raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}.")
+    num_inference_steps = values.check_int("num_inference_steps", num_inference_steps)
     if not 0 < num_inference_steps <= num_train_timesteps:
         raise ValueError(
             f"num_inference_steps must lie in [1, num_train_timesteps={num_train_timesteps}], "

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from perflow_jax import values
 from perflow_jax.schedulers import base, common
 
 SIGMA_DATA = 0.5
@@ -100,7 +101,7 @@ def lcm_timesteps(config: LCMConfig, num_inference_steps: int, original_inferenc
     common.check_positive_int("original_inference_steps", original)
     if original > T:
         raise ValueError(f"original_inference_steps={original} exceeds num_train_timesteps={T}.")
-    if not 0.0 < strength <= 1.0:
+    if not 0.0 < values.check_float("strength", strength) <= 1.0:
         raise ValueError(f"strength must lie in (0, 1], got {strength}.")
     grid = np.arange(1, int(original * strength) + 1) * (T // original) - 1
     if n > grid.shape[0] or n > original:

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from perflow_jax import values
 from perflow_jax.schedulers import base, common
 
 PREDICTION_TYPES = ("ddim_eps", "diff_eps", "velocity")
@@ -75,6 +76,12 @@ class PeRFlowConfig(base.ConfigMixin):
         if self.t_clean >= 1.0 / self.num_time_windows:
             raise ValueError(
                 f"t_clean={self.t_clean} must lie below the last window start 1/K = {1 / self.num_time_windows}."
+            )
+        if max_inference_steps(self) < self.num_time_windows:
+            raise ValueError(
+                f"num_time_windows={self.num_time_windows} is too many for num_train_timesteps="
+                f"{self.num_train_timesteps} and t_clean={self.t_clean}: even one step per window puts a time "
+                "point at or below t_clean, where PeRFlow's velocity divides by zero."
             )
 
     @property
@@ -234,10 +241,7 @@ def model_output_to_velocity(config: PeRFlowConfig, model_output: jax.Array, sam
 
 def reference_timesteps(config: PeRFlowConfig, num_inference_steps: int) -> np.ndarray:
     """The reference's integer timesteps (int64 NumPy) for `num_inference_steps`."""
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int | np.integer):
-        raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}.")
-    if num_inference_steps <= 0:
-        raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}.")
+    num_inference_steps = values.check_int("num_inference_steps", num_inference_steps, min_value=1)
     k = config.num_time_windows
     if num_inference_steps < k:
         warnings.warn(
@@ -254,14 +258,97 @@ def reference_timesteps(config: PeRFlowConfig, num_inference_steps: int) -> np.n
     return (points * config.num_train_timesteps).astype(np.int64)
 
 
+def _bad_timepoints(config: PeRFlowConfig, timesteps: np.ndarray) -> np.ndarray:
+    """Which timesteps give a time point at or below t_clean (float32, as ``set_timesteps`` computes them).
+
+    There the window is the last one and t_c ≤ t_e, so the velocity (x_e − x)/(t_e − t_c) divides by zero
+    (timestep 0 with t_clean = 0) or the point lies outside [t_clean, t_noise]. Every other time point lies
+    strictly inside its window; repeated timesteps (more steps than integer timesteps in a window) are harmless
+    no-op steps (dt = 0), as in the reference.
+    """
+    points = np.asarray(timesteps).astype(np.float32) / np.float32(config.num_train_timesteps)
+    return points <= np.float32(config.t_clean)
+
+
+def _window_ok(config: PeRFlowConfig, window: int, m: int) -> bool:
+    """Whether `m` steps in `window` (the reference's linspace and truncation) keep every time point valid."""
+    s, e = config.window_starts[window], config.window_ends[window]
+    points = np.linspace(s, e, num=m, endpoint=False)
+    return not _bad_timepoints(config, (points * config.num_train_timesteps).astype(np.int64)).any()
+
+
+_SEARCH_CAP = 2**22  # steps per window beyond which no limit is looked for (a schedule that long is never useful)
+
+
+def _window_limit(config: PeRFlowConfig, window: int) -> int:
+    """The most steps `window` can hold (0 if not even one; ``_SEARCH_CAP`` if at least that many)."""
+    t_end = config.window_ends[window]
+    # Points lie at or above the window end, so truncation loses less than one timestep (plus rounding).
+    if np.floor(t_end * config.num_train_timesteps) - 1 >= config.t_clean * config.num_train_timesteps + 1:
+        return _SEARCH_CAP
+    if not _window_ok(config, window, 1):
+        return 0
+    lo, hi = 1, 2  # invariant: lo is ok; find a bad hi by doubling, then bisect
+    while _window_ok(config, window, hi):
+        lo, hi = hi, hi * 2
+        if hi > _SEARCH_CAP:
+            return _SEARCH_CAP
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _window_ok(config, window, mid) else (lo, mid)
+    return lo
+
+
+@functools.lru_cache(maxsize=64)
+def max_inference_steps(config: PeRFlowConfig) -> int:
+    """The largest ``num_inference_steps`` whose reference timesteps all lie strictly above t_clean.
+
+    With more steps, a window holds more points than it has integer timesteps and the last window's last
+    point truncates to timestep 0 (t_clean = 0), where the velocity divides by zero. With n steps the last
+    window gets ⌊n/K⌋ points and the first ``n mod K`` windows one more, so the limit is K·m + r with m the
+    fewest points any window can hold and r the leading windows that hold one more. For t_clean = 0 and
+    K ≤ T that is K·⌊T/K⌋ + K − 1 up to the float64 rounding of the reference's linspace, which is computed
+    exactly here (T = 1000: 1000 for K = 1, 1003 for K = 4). Returns 0 if not even one step per window works.
+    """
+    k = config.num_time_windows
+    limits = [_window_limit(config, w) for w in range(k)]
+    m = min(limits)
+    if m == 0:
+        return 0
+    r = 0
+    while r < k - 1 and limits[r] > m:
+        r += 1
+    return k * m + r
+
+
+def check_num_inference_steps(config: PeRFlowConfig, num_inference_steps: Any) -> int:
+    """`num_inference_steps` as an int, refused if it is not a positive int or exceeds
+    :func:`max_inference_steps` (which would put a time point at t_clean and divide by zero)."""
+    n = values.check_int("num_inference_steps", num_inference_steps, min_value=1)
+    limit = max_inference_steps(config)
+    if n > limit:
+        raise ValueError(
+            f"num_inference_steps={n} is too many for this PeRFlow schedule: at most {limit} steps fit "
+            f"num_train_timesteps={config.num_train_timesteps} in num_time_windows={config.num_time_windows} "
+            "windows; more would truncate the last window's last time point to t_clean (timestep 0), where "
+            "PeRFlow's velocity divides by zero."
+        )
+    return n
+
+
 def set_timesteps(config: PeRFlowConfig, num_inference_steps: int, *,
                   sample_shape: tuple[int, ...] | None = None) -> PeRFlowState:
     """Precompute every per-step quantity ``step`` needs (host-side; call once per step count).
 
-    `sample_shape` is unused: PeRFlow keeps no history.
+    `sample_shape` is unused: PeRFlow keeps no history. Raises ValueError for more steps than
+    :func:`max_inference_steps` (they would divide by zero in the last window).
     """
     del sample_shape
+    check_num_inference_steps(config, num_inference_steps)
     timesteps = reference_timesteps(config, num_inference_steps)
+    if _bad_timepoints(config, timesteps).any():  # the limit is exact; this guards its monotonicity assumption
+        raise ValueError(f"num_inference_steps={num_inference_steps} puts a PeRFlow time point at or below "
+                         f"t_clean={config.t_clean}, where the velocity divides by zero; use fewer steps.")
     n_train = np.float32(config.num_train_timesteps)
     timepoints = timesteps.astype(np.float32) / n_train
     next_steps = np.append(timesteps[1:], 0)
