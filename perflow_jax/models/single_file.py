@@ -406,11 +406,13 @@ def load_single_file(path: str | os.PathLike, base: str | os.PathLike | None, dt
     scheduler_config = _scheduler_config(base, family, parts, prediction_type)
     comps = PipelineComponents(
         path, "sdxl" if family == "sdxl" else "sd", index, unet_config, unet_params, vae_config, vae_params,
-        te["text_encoder"][0], te["text_encoder"][1], load_tokenizer(os.path.join(base, "tokenizer")),
+        te["text_encoder"][0], te["text_encoder"][1],
+        load_tokenizer(os.path.join(base, "tokenizer"), max_length=te["text_encoder"][0].max_position_embeddings),
         scheduler_config)
     if family == "sdxl":
         comps.text_encoder_2_config, comps.text_encoder_2_params = te["text_encoder_2"]
-        comps.tokenizer_2 = load_tokenizer(os.path.join(base, "tokenizer_2"))
+        comps.tokenizer_2 = load_tokenizer(os.path.join(base, "tokenizer_2"),
+                                           max_length=comps.text_encoder_2_config.max_position_embeddings)
     return comps
 
 
