@@ -27,8 +27,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 __all__ = ["MANIFEST", "Manifest", "atomic_dir", "atomic_file", "check_destination", "clean_stale_temps",
-           "copy_file", "copy_tree", "foreign_files", "read_manifest", "temp_path", "write_json",
-           "write_manifest"]
+           "check_creatable", "copy_file", "copy_tree", "foreign_files", "read_json", "read_manifest", "temp_path",
+           "write_json", "write_manifest"]
 
 MANIFEST = ".perflow-jax-manifest.json"
 _WRITTEN_BY = "perflow-jax"
@@ -292,7 +292,7 @@ def check_destination(dst: str | os.PathLike, sources: Iterable[str | os.PathLik
             raise ValueError(f"The destination {dst_s!r} lies inside the source {os.fspath(src)!r}; choose a "
                              "destination outside it.")
     if not os.path.lexists(dst_s):
-        _check_parent(dst_s)
+        check_creatable(dst_s)
         return
     if os.path.islink(dst_s):
         raise FileExistsError(f"The destination {dst_s!r} is a symbolic link; choose another destination "
@@ -316,7 +316,7 @@ def _inside(path: str, folder: str) -> bool:
     return path != folder and os.path.commonpath([path, folder]) == folder
 
 
-def _check_parent(path: str) -> None:
+def check_creatable(path: str) -> None:
     """For a path that does not exist: its nearest existing parent must be a writable folder."""
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(parent):
@@ -364,3 +364,25 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, sor
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text + "\n")
     return path
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a JSON object from `path`; a missing file, invalid JSON or UTF-8, or JSON that is not an object
+    (a list, a number, ...) raises an error naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path!r} is not UTF-8 text, so not a JSON file: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds a JSON {_json_type(obj)}; expected a JSON object ({{...}}) of settings.")
+    return obj
+
+
+def _json_type(obj: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(obj), "number")

@@ -573,8 +573,8 @@ NUMBER_ROWS: list[Row] = [
     Row("delta-truncated", r"(?s)\A(?!.*model family).*Could not read '.*trunc.safetensors' as safetensors.*truncated",
         argv=(*_SAMPLE_TINY, "--delta", "{w}/trunc.safetensors"), setup=_truncated_delta),
     # 9. digits seeds: ints in [0, 2**32)
-    Row("digits-seed-negative", r"seed must be an integer in \[0, 4294967295\], got -1", call=_digits(seed=-1)),
-    Row("digits-seed-too-big", r"seed must be an integer in \[0, 4294967295\], got 4294967296",
+    Row("digits-api-seed-negative", r"seed must be an integer in \[0, 4294967295\], got -1", call=_digits(seed=-1)),
+    Row("digits-api-seed-too-big", r"seed must be an integer in \[0, 4294967295\], got 4294967296",
         call=_digits(seed=2**32)),
     Row("digits-seed-float", r"seed must be an integer, got float", raises=TypeError, call=_digits(seed=1.0)),
 ]
@@ -697,7 +697,7 @@ TRAINING_ROWS: list[Row] = [
         argv=("train", "--config", "{w}/c.yaml"), setup=_write("c.yaml", "- train\n- steps\n")),
     Row("train-output-dir-int", r"output_dir=123: must be a non-empty string path",
         argv=("train", "--config", "{w}/c.yaml"), setup=_write("c.yaml", "output_dir: 123\n")),
-    Row("train-output-dir-under-file", r"lies under '.*f\.txt', which is a file",
+    Row("train-output-dir-under-file", r"output_dir=.*f\.txt' is a file, not a folder",
         argv=(*_TRAIN, "output_dir={w}/f.txt/run"),
         setup=lambda w, t: (_digits_yaml(w, t), (w / "f.txt").write_text("keep"))),
     Row("train-seed-negative", r"train\.seed=-1: must be an integer in \[0, ",

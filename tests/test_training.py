@@ -295,6 +295,7 @@ def _finite_file(path) -> bool:
     return all(np.isfinite(v).all() for v in load_file(str(path)).values())
 
 
+@pytest.mark.slow(reason="three short training runs: diverge, refused resume, allowed resume")
 def test_training_nonfinite_loss_and_config_change_on_resume(tmp_path):
     """A run whose loss turns NaN stops with a clear error and keeps its last good checkpoint (no NaN checkpoint,
     no ΔW); resuming it under another learning rate needs allow_config_change; train.steps may grow without it."""

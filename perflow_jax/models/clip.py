@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax import values
-from perflow_jax.models.config_io import CONFIG_NAME, read_config_json
+from perflow_jax.models.config_io import config_from_json
 from perflow_jax.models.convert import load_params
 
 HIDDEN_ACTS = ("quick_gelu", "gelu")
@@ -82,12 +82,7 @@ class CLIPTextConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> CLIPTextConfig:
         """Read ``config.json`` (or the folder holding it); errors name the file."""
-        d = read_config_json(path)
-        try:
-            return cls.from_dict(d)
-        except ValueError as e:
-            file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else os.fspath(path)
-            raise ValueError(f"{file!r}: {e}") from e
+        return config_from_json(cls.from_dict, path)
 
 
 class CLIPTextOutput(NamedTuple):

@@ -3,35 +3,15 @@
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-__all__ = ["CONFIG_NAME", "read_config_json", "read_json"]
+from perflow_jax.io import read_json
+
+__all__ = ["CONFIG_NAME", "config_from_json", "read_config_json", "read_json"]
 
 CONFIG_NAME = "config.json"
-
-
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a JSON object from `path`; a missing file, invalid JSON or UTF-8, or JSON that is not an object
-    (a list, a number, ...) raises an error naming the file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path!r} is not UTF-8 text, so not a JSON file: {e}") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path!r} holds a JSON {_json_type(obj)}; expected a JSON object ({{...}}) of settings.")
-    return obj
-
-
-def _json_type(obj: Any) -> str:
-    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(obj), "number")
 
 
 def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -42,3 +22,17 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No model config at {path!r}: expected a {CONFIG_NAME}.")
     return read_json(path)
+
+
+C = TypeVar("C")
+
+
+def config_from_json(from_dict: Callable[[dict[str, Any]], C], path: str | os.PathLike) -> C:
+    """A model config from ``config.json`` (or the folder holding it) through `from_dict`; a bad value's error
+    names the file."""
+    d = read_config_json(path)
+    try:
+        return from_dict(d)
+    except ValueError as e:
+        file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else os.fspath(path)
+        raise ValueError(f"{file!r}: {e}") from e

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax import values
-from perflow_jax.models.config_io import CONFIG_NAME, read_config_json
+from perflow_jax.models.config_io import config_from_json
 from perflow_jax.models.convert import load_params
 from perflow_jax.models.layers import (
     Attention,
@@ -187,12 +187,7 @@ class UNetConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> UNetConfig:
         """Read a diffusers ``config.json`` (or the folder holding it); errors name the file."""
-        d = read_config_json(path)
-        try:
-            return cls.from_dict(d)
-        except ValueError as e:
-            file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else os.fspath(path)
-            raise ValueError(f"{file!r}: {e}") from e
+        return config_from_json(cls.from_dict, path)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

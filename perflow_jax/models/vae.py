@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax import values
-from perflow_jax.models.config_io import CONFIG_NAME, read_config_json
+from perflow_jax.models.config_io import config_from_json
 from perflow_jax.models.convert import load_params
 from perflow_jax.models.keymap import rename_torch_attention
 from perflow_jax.models.layers import (
@@ -131,12 +131,7 @@ class VAEConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> VAEConfig:
         """Read ``config.json`` (or the folder holding it); errors name the file."""
-        d = read_config_json(path)
-        try:
-            return cls.from_dict(d)
-        except ValueError as e:
-            file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else os.fspath(path)
-            raise ValueError(f"{file!r}: {e}") from e
+        return config_from_json(cls.from_dict, path)
 
     @property
     def downscale_factor(self) -> int:

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, ClassVar, NamedTuple, Protocol, Self
 
 import jax
+
+from perflow_jax.io import read_json
 
 #: The five functions a scheduler module defines; :func:`bundle` binds each to the config.
 FUNCTIONS = ("set_timesteps", "step", "add_noise", "scale_model_input", "init_noise_sigma")
@@ -167,12 +168,7 @@ class ConfigMixin:
             path = os.path.join(path, "scheduler_config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No scheduler config at {path!r}: expected a diffusers scheduler_config.json.")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path!r} is not valid JSON: {e}") from e
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         """A dict diffusers' ``from_config`` reads (``_class_name`` first; tuples become lists for JSON)."""

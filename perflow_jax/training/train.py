@@ -31,7 +31,7 @@ import yaml
 
 from perflow_jax import delta as delta_lib
 from perflow_jax import sharding
-from perflow_jax.io import atomic_file
+from perflow_jax.io import check_creatable, write_json
 from perflow_jax.models.adapter import UNetCondition, unet_apply
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
 from perflow_jax.schedulers import perflow as pf
@@ -570,11 +570,6 @@ def make_train_step(rcfg: reflow.ReflowConfig, apply_fn: reflow.StudentFn, tx: o
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, allow_nan=False)
-
-
 class NonFiniteLossError(ValueError):
     """Training diverged: a loss (or the params) became NaN/inf. Nothing from that step on was saved."""
 
@@ -611,13 +606,14 @@ def _check_output_dir(out: str) -> None:
     """Refuse an output folder that cannot be made or written before anything is created."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"output_dir={out!r} exists and is not a folder.")
-    existing = out
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"output_dir={out!r} lies under {existing!r}, which is a file, not a folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"output_dir={out!r} cannot be written: {existing!r} is not writable.")
+    try:
+        if os.path.isdir(out):
+            if not os.access(out, os.W_OK | os.X_OK):
+                raise PermissionError(f"the folder {out!r} is not writable.")
+        else:
+            check_creatable(out)
+    except OSError as e:
+        raise ValueError(f"output_dir={out!r}: {e}") from None
 
 
 def check_resume(cfg: dict[str, Any], allow_config_change: Sequence[str] = ()) -> tuple[int | None, list[str]]:
@@ -741,7 +737,7 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
     except OSError as e:
         raise ValueError(f"Cannot create output_dir={out!r}: {e.strerror or e}.") from e
     if is_main:
-        _atomic_write_json(os.path.join(ckpt_dir, RUN_CONFIG), cfg)
+        write_json(os.path.join(ckpt_dir, RUN_CONFIG), cfg)
         for note in notes:
             print(f"[perflow-jax] config change on resume: {note}", flush=True)
 
@@ -833,8 +829,8 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
     if is_main:
         result["delta_path"] = delta_lib.export(delta, out, metadata={"format": "pt", "what": "PeRFlow delta"})
         result["scheduler_config"] = os.path.join(out, "scheduler_config.json")
-        _atomic_write_json(result["scheduler_config"], rcfg.perflow.to_dict())
-        _atomic_write_json(os.path.join(out, "train_config.json"), cfg)
+        write_json(result["scheduler_config"], rcfg.perflow.to_dict())
+        write_json(os.path.join(out, "train_config.json"), cfg)
     result["params"] = final
     return result
 
