@@ -509,10 +509,7 @@ class StableDiffusionPipeline:
             return x
         chex.assert_shape(inputs.image, (shape[0], 3, spec.height, spec.width),
                           custom_message="inputs.image must be (B, 3, H, W)")
-        dist = self.vae.apply({"params": params["vae"]}, inputs.image * 2.0 - 1.0, method=AutoencoderKL.encode)
-        enc_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-        z = jax.vmap(_sample_latent)(dist.mean, dist.logvar, enc_keys)
-        z0 = scale_latents(z.astype(jnp.float32), self.components.vae_config)
+        z0 = encode_images(self.vae, params["vae"], self.components.vae_config, inputs.image, keys)
         t = jnp.full((shape[0],), state.timesteps[spec.start_step])
         return self.scheduler.add_noise(z0, x, t, state)
 
@@ -538,11 +535,28 @@ class StableDiffusionPipeline:
 
     def decode(self, params: Any, latents: jax.Array, output_type: str = "float") -> jax.Array:
         """UNet latents → NHWC images: float32 in [0, 1], or uint8 with ``output_type="uint8"``."""
-        _check_output_type(output_type)
-        z = unscale_latents(latents, self.components.vae_config).astype(self.dtype)
-        image = self.vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode)
-        image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-        return jnp.round(image * 255).astype(jnp.uint8) if output_type == "uint8" else image
+        return decode_latents(self.vae, params["vae"], self.components.vae_config, latents, output_type)
+
+
+def encode_images(vae: AutoencoderKL, vae_params: Any, vae_config: Any, images: jax.Array, keys: jax.Array
+                  ) -> jax.Array:
+    """(B, 3, H, W) images in [0, 1] → scaled float32 UNet latents, each a sample of the VAE posterior drawn with
+    ``fold_in(keys[i], 1)`` (image i's key; see the module docstring)."""
+    dist = vae.apply({"params": vae_params}, images * 2.0 - 1.0, method=AutoencoderKL.encode)
+    enc_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    z = jax.vmap(_sample_latent)(dist.mean, dist.logvar, enc_keys)
+    return scale_latents(z.astype(jnp.float32), vae_config)
+
+
+def decode_latents(vae: AutoencoderKL, vae_params: Any, vae_config: Any, latents: jax.Array,
+                   output_type: str = "float") -> jax.Array:
+    """Scaled UNet latents → NHWC images in `vae`'s dtype: float32 in [0, 1], or uint8 with
+    ``output_type="uint8"``."""
+    _check_output_type(output_type)
+    z = unscale_latents(latents, vae_config).astype(vae.dtype)
+    image = vae.apply({"params": vae_params}, z, method=AutoencoderKL.decode)
+    image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return jnp.round(image * 255).astype(jnp.uint8) if output_type == "uint8" else image
 
 
 def load_components(path_or_repo_id: str, *, base: str | None = None, delta: str | None = None,
