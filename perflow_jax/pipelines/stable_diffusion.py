@@ -58,7 +58,8 @@ from perflow_jax.models.unet import UNet2DConditionModel
 from perflow_jax.models.vae import AutoencoderKL, scale_latents, unscale_latents
 from perflow_jax.pipelines.defaults import FAMILY_DEFAULTS, model_family, perflow_config_dict
 
-OUTPUT_TYPES = ("uint8", "float")
+OUTPUT_TYPES = ("uint8", "float", "latent")  # "latent": the final UNet latents, not decoded
+IMAGE_TYPES = ("uint8", "float")
 DEFAULT_BATCH_MEMORY = 8 * 2**30  # default_batch_size's budget per device where JAX reports no memory (CPU)
 STEP_NOISE_FOLD = 2**31  # fold_in(key(seed), STEP_NOISE_FOLD): the ancestral schedulers' step-noise key
 
@@ -77,7 +78,8 @@ class GenerationSpec:
       zero_negative: SDXL without a negative prompt: the unconditional text embeddings are zeros.
       has_latents: the inputs carry initial latents (scaled by the scheduler's ``init_noise_sigma``).
       has_image: img2img: the inputs carry init images, encoded by the VAE and noised to ``start_step``.
-      output_type: ``"uint8"`` or ``"float"`` (in [0, 1]) images.
+      output_type: ``"uint8"`` or ``"float"`` (in [0, 1]) images, or ``"latent"``: the scaled latents
+        (B, C, H/f, W/f) float32, undecoded (e.g. for :mod:`perflow_jax.pipelines.upscale`).
     """
 
     batch: int
@@ -242,7 +244,8 @@ class StableDiffusionPipeline:
                  num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
                  latents: np.ndarray | None = None, output_type: str = "uint8", first_index: int = 0) -> np.ndarray:
-        """Generate images for `prompt` (NHWC, uint8 or float in [0, 1] with ``output_type="float"``).
+        """Generate images for `prompt` (NHWC, uint8 or float in [0, 1] with ``output_type="float"``; the scaled
+        latents, undecoded, with ``output_type="latent"``).
 
         ``latents`` (B, 4, H/8, W/8) replaces the seeded initial noise (it is scaled by the scheduler's
         ``init_noise_sigma`` as in diffusers). ``guidance_scale`` ≤ 1 turns classifier-free guidance off, as
@@ -463,7 +466,7 @@ class StableDiffusionPipeline:
                       if spec.use_cfg else None)
             x = self.prepare_latents(params, spec, state, inputs, seed)
             x = self.denoise(params, spec, state, x, cond, uncond, guidance_scale, seed)
-            return self.decode(params, x, spec.output_type)
+            return x if spec.output_type == "latent" else self.decode(params, x, spec.output_type)
 
         return program
 
@@ -552,7 +555,8 @@ def decode_latents(vae: AutoencoderKL, vae_params: Any, vae_config: Any, latents
                    output_type: str = "float") -> jax.Array:
     """Scaled UNet latents → NHWC images in `vae`'s dtype: float32 in [0, 1], or uint8 with
     ``output_type="uint8"``."""
-    _check_output_type(output_type)
+    if output_type not in IMAGE_TYPES:
+        raise ValueError(f"decode output_type must be 'uint8' or 'float', got {output_type!r}.")
     z = unscale_latents(latents, vae_config).astype(vae.dtype)
     image = vae.apply({"params": vae_params}, z, method=AutoencoderKL.decode)
     image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
@@ -615,7 +619,7 @@ def _as_list(x: str | Sequence[str], what: str) -> list[str]:
 
 def _check_output_type(output_type: str) -> None:
     if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be 'uint8' or 'float', got {output_type!r}.")
+        raise ValueError(f"output_type must be 'uint8', 'float' or 'latent', got {output_type!r}.")
 
 
 def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:

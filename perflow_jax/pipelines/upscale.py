@@ -21,10 +21,11 @@ The stages are public and pure in ``params``: :meth:`~LatentUpscalePipeline.enco
 :meth:`~LatentUpscalePipeline.encode_image`, :meth:`~LatentUpscalePipeline.condition`,
 :meth:`~LatentUpscalePipeline.upscale_latents` (the reusable stage: low-res latents → ×2 latents, e.g. after
 text-to-image or multi-view generation) and :meth:`~LatentUpscalePipeline.decode`.
-:meth:`~LatentUpscalePipeline.program` composes them for one :class:`UpscaleSpec`, the compiled-program cache key: prompts, seed and guidance scale are
-traced, so one program serves every call of a shape. Row i's initial noise is drawn from
-``fold_in(fold_in(key(seed), i), 0)`` and its VAE posterior sample (image input) from ``fold_in(..., 1)``, as in
-:mod:`perflow_jax.pipelines.stable_diffusion`; the batch is sharded over all devices like there.
+:meth:`~LatentUpscalePipeline.program` composes them for one :class:`UpscaleSpec`, the compiled-program cache
+key: prompts, seed and guidance scale are traced, so one program serves every call of a shape. Row i's initial
+noise is drawn from ``fold_in(fold_in(key(seed), i), 0)`` and its VAE posterior sample (image input) from
+``fold_in(..., 1)``, as in :mod:`perflow_jax.pipelines.stable_diffusion`; the batch is sharded over all devices
+like there.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from perflow_jax.models.vae import AutoencoderKL, VAEConfig, load_vae
 from perflow_jax.pipelines.stable_diffusion import (
     GenerationStats,
     _as_list,
+    _check_output_type,
     _image_keys,
     _pad_rows,
     _prepare_images,
@@ -62,7 +64,6 @@ from perflow_jax.schedulers.euler import karras_preconditioning
 __all__ = ["LatentUpscalePipeline", "UpscaleCondition", "UpscaleInputs", "UpscaleRequest", "UpscaleSpec",
            "UpscalerComponents", "load_upscaler_components"]
 
-OUTPUT_TYPES = ("latent", "uint8", "float")
 NOISE_LEVEL_FEATURES = 64  # diffusers: 64 cos + 64 sin Fourier features of the low-res noise level (0)
 DEFAULT_STEPS = 75  # diffusers' defaults
 DEFAULT_GUIDANCE = 9.0
@@ -479,8 +480,3 @@ class LatentUpscalePipeline:
     def decode(self, params: Any, latents: jax.Array, output_type: str = "float") -> jax.Array:
         """×2 latents → NHWC images (float32 in [0, 1], or uint8)."""
         return decode_latents(self.vae, params["vae"], self.components.vae_config, latents, output_type)
-
-
-def _check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
