@@ -127,6 +127,7 @@ def test_latent_stage_matches_diffusers_without_guidance(tiny) -> None:
     (dict(latents=LOW_RES[:, :, :7]), "multiples of 2"),
     (dict(latents=np.full_like(LOW_RES, np.nan)), "finite"),
     (dict(image=np.zeros((2, 14, 16, 3))), "multiples of 4"),
+    (dict(image=np.full((2, 16, 16, 3), np.inf, np.float32)), "image has NaN"),
     (dict(latents=np.zeros((3, 4, 8, 8), np.float32)), "3 inputs"),
     (dict(latents=LOW_RES, noise=NOISE[:, :, :8]), "noise must have shape (2, 4, 16, 16)"),
     (dict(latents=LOW_RES, output_type="png"), "output_type"),
@@ -159,6 +160,22 @@ def test_bad_model_is_a_clear_error(tiny, tmp_path) -> None:
                                               np.zeros((1, 1, 32)), np.zeros((1, 160)))
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_upscaler_components(os.path.join(folder, "unet"))
+
+
+def test_convert_to_flax_and_load(tiny, tmp_path) -> None:
+    """`perflow-jax convert` of an upscaler folder writes Flax checkpoints (the K-block UNet told apart from an
+    SD UNet by its block types) that load back to the same params; a PeRFlow ΔW is refused for it."""
+    folder = tiny[0]
+    assert main(["convert", folder, str(tmp_path / "flax")]) == 0
+    assert os.path.isfile(tmp_path / "flax" / "unet" / "flax_model.msgpack")
+    a, b = load_upscaler_components(folder), load_upscaler_components(str(tmp_path / "flax"))
+    for name in ("unet_params", "vae_params", "text_encoder_params"):
+        la, lb = jax.tree_util.tree_leaves(getattr(a, name)), jax.tree_util.tree_leaves(getattr(b, name))
+        assert len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True)), name
+    from perflow_jax.models.components import convert_to_flax
+
+    with pytest.raises(ValueError, match="latent upscaler's UNet"):
+        convert_to_flax(folder, str(tmp_path / "merged"), unet_transform=lambda p: p)
 
 
 @pytest.mark.slow(reason="compiles a text-to-image and an upscaler program (~40 s on 2 CPU cores)")

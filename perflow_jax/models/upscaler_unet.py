@@ -37,7 +37,7 @@ from perflow_jax.models.layers import Attention, AttentionImpl, Conv2D, GroupNor
 
 Dtype = Any
 
-__all__ = ["UpscalerUNet", "UpscalerUNetConfig", "load_upscaler_unet", "upscaler_param_shapes"]
+__all__ = ["UpscalerUNet", "UpscalerUNetConfig", "is_upscaler_config", "load_upscaler_unet", "upscaler_param_shapes"]
 
 RESNET_GROUP_SIZE = 32  # K blocks: GroupNorm groups = channels // 32 (diffusers' fixed resnet_group_size)
 _DOWN_TYPES = {"KDownBlock2D": False, "KCrossAttnDownBlock2D": True}  # type → has attention
@@ -67,6 +67,12 @@ _IRRELEVANT = {"freq_shift", "downsample_padding", "mid_block_scale_factor", "tr
                "upcast_attention", "resnet_time_scale_shift", "resnet_skip_time_act", "resnet_out_scale_factor",
                "addition_time_embed_dim", "projection_class_embeddings_input_dim", "mid_block_only_cross_attention",
                "cross_attention_norm", "addition_embed_type_num_heads"}
+
+
+def is_upscaler_config(d: Mapping[str, Any]) -> bool:
+    """Whether a diffusers UNet config dict describes a K-upscaler UNet (K blocks), not an SD UNet."""
+    types = d.get("down_block_types")
+    return isinstance(types, list | tuple) and any(t in _DOWN_TYPES for t in types)
 
 
 def _tupleize(v: Any) -> Any:

@@ -276,17 +276,7 @@ class StableDiffusionPipeline:
         spec = request.spec
         state = self.scheduler_state(spec.num_inference_steps, self.latent_shape(spec))
         args = (self.params, state, request.inputs, request.seed, request.guidance_scale)
-        t0 = time.perf_counter()
-        compiled = self._compiled.get(spec)
-        if compiled is None:
-            rep, batch = self._replicated, self._batch
-            fn = jax.jit(self.program(spec), in_shardings=(rep, rep, batch, rep, rep), out_shardings=batch)
-            compiled = fn.lower(*args).compile()
-            self._compiled[spec] = compiled
-        t1 = time.perf_counter()
-        images = sharding.to_host(compiled(*args))[:request.num_images]
-        t2 = time.perf_counter()
-        self.stats = GenerationStats(t1 - t0, t2 - t1, len(self._compiled))
+        images, self.stats = run_cached(self._compiled, spec, self.program, args, self.mesh, request.num_images)
         return images
 
     # ------------------------------------------------------------------------------------------------------
@@ -561,6 +551,22 @@ def decode_latents(vae: AutoencoderKL, vae_params: Any, vae_config: Any, latents
     image = vae.apply({"params": vae_params}, z, method=AutoencoderKL.decode)
     image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
     return jnp.round(image * 255).astype(jnp.uint8) if output_type == "uint8" else image
+
+
+def run_cached(cache: dict, spec: Any, program: Callable[[Any], Callable[..., jax.Array]], args: tuple, mesh: Mesh,
+               rows: int) -> tuple[np.ndarray, GenerationStats]:
+    """Run ``program(spec)`` on ``args = (params, state, inputs, seed, guidance_scale)``: jitted with params,
+    state, seed and guidance replicated and inputs and output batch-sharded over `mesh`, compiled on first use
+    and kept in `cache` by `spec`. Returns the output's first `rows` rows on the host, and the timings."""
+    t0 = time.perf_counter()
+    compiled = cache.get(spec)
+    if compiled is None:
+        rep, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+        fn = jax.jit(program(spec), in_shardings=(rep, rep, batch, rep, rep), out_shardings=batch)
+        compiled = cache[spec] = fn.lower(*args).compile()
+    t1 = time.perf_counter()
+    out = sharding.to_host(compiled(*args))[:rows]
+    return out, GenerationStats(t1 - t0, time.perf_counter() - t1, len(cache))
 
 
 def load_components(path_or_repo_id: str, *, base: str | None = None, delta: str | None = None,

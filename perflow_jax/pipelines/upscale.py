@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -58,6 +57,7 @@ from perflow_jax.pipelines.stable_diffusion import (
     _prepare_images,
     decode_latents,
     encode_images,
+    run_cached,
 )
 from perflow_jax.schedulers.euler import karras_preconditioning
 
@@ -86,7 +86,7 @@ class UpscalerComponents:
     text_encoder_config: CLIPTextConfig
     text_encoder_params: dict
     tokenizer: Any
-    scheduler_config: dict[str, Any] | None
+    scheduler_config: dict[str, Any]
 
 
 def _check_compatible(c: UpscalerComponents) -> None:
@@ -130,8 +130,10 @@ def load_upscaler_components(path_or_repo_id: str | os.PathLike, dtype: Any = No
     te_config, te_params = load_clip_text_model(folders["text_encoder"], with_projection=False, **load)
     tokenizer = load_tokenizer(folders["tokenizer"], max_length=te_config.max_position_embeddings)
     sched = os.path.join(root, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(sched):
+        raise FileNotFoundError(f"{root!r} has no scheduler/scheduler_config.json (the upscaler's Euler schedule).")
     comps = UpscalerComponents(root, unet_config, unet_params, vae_config, vae_params, te_config, te_params,
-                               tokenizer, read_json(sched) if os.path.isfile(sched) else None)
+                               tokenizer, read_json(sched))
     _check_compatible(comps)
     return comps
 
@@ -235,7 +237,7 @@ class LatentUpscalePipeline:
         _check_compatible(c)
         self.components = c
         self.dtype = jnp.dtype(dtype)
-        self.scheduler = schedulers.from_config(c.scheduler_config or {}, name="euler", prediction_type="sample")
+        self.scheduler = schedulers.from_config(c.scheduler_config, name="euler", prediction_type="sample")
         self.mesh = mesh if mesh is not None else sharding.data_mesh()
         self._replicated = sharding.replicated(self.mesh)
         self._batch = sharding.batch_sharded(self.mesh)
@@ -281,19 +283,9 @@ class LatentUpscalePipeline:
 
     def generate(self, request: UpscaleRequest) -> np.ndarray:
         """Run :meth:`program` for ``request.spec`` (compiled once per spec) and gather the result to the host."""
-        spec = request.spec
-        state = self.scheduler_state(spec.num_inference_steps)
+        state = self.scheduler_state(request.spec.num_inference_steps)
         args = (self.params, state, request.inputs, request.seed, request.guidance_scale)
-        t0 = time.perf_counter()
-        compiled = self._compiled.get(spec)
-        if compiled is None:
-            rep, batch = self._replicated, self._batch
-            fn = jax.jit(self.program(spec), in_shardings=(rep, rep, batch, rep, rep), out_shardings=batch)
-            compiled = fn.lower(*args).compile()
-            self._compiled[spec] = compiled
-        t1 = time.perf_counter()
-        out = sharding.to_host(compiled(*args))[:request.num_images]
-        self.stats = GenerationStats(t1 - t0, time.perf_counter() - t1, len(self._compiled))
+        out, self.stats = run_cached(self._compiled, request.spec, self.program, args, self.mesh, request.num_images)
         return out
 
     def build_request(self, prompt: str | Sequence[str], *, latents: np.ndarray | None = None,
@@ -336,6 +328,8 @@ class LatentUpscalePipeline:
             h, w = low_res.shape[2:]
         else:
             images = _prepare_images(image, n)
+            if not np.isfinite(images).all():
+                raise ValueError("image has NaN or infinite values.")
             h, w = self._check_image_size(*images.shape[2:])
         c = self.components.vae_config.latent_channels
         if noise is not None:
