@@ -23,6 +23,7 @@ from PIL import Image
 from perflow_jax.cli import main
 from perflow_jax.models.upscaler_unet import UpscalerUNet, UpscalerUNetConfig, load_upscaler_unet
 from perflow_jax.pipelines.upscale import LatentUpscalePipeline, load_upscaler_components
+from perflow_jax.schedulers.euler import karras_preconditioning
 from tests.support.tiny_sd import make_tiny_pipeline
 from tests.support.tiny_upscaler import make_tiny_upscaler
 
@@ -50,6 +51,19 @@ def tiny(tmp_path_factory):
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+@pytest.mark.parametrize("sigma_data", [1.0, 0.5])
+def test_karras_preconditioning_matches_the_formulas(sigma_data: float) -> None:
+    """c_skip, c_out, c_in, c_noise (Karras et al. 2022, Table 1) against a float64 NumPy oracle, within float32
+    rounding (2e-6 relative)."""
+    sigma = np.array([0.0292, 1.0, 14.6146], np.float64)  # the SD schedule's ends and a middle value
+    d2 = sigma_data**2
+    want = (d2 / (sigma**2 + d2), sigma * sigma_data / np.sqrt(sigma**2 + d2), 1 / np.sqrt(sigma**2 + d2),
+            np.log(sigma) / 4)
+    got = karras_preconditioning(sigma.astype(np.float32), sigma_data)
+    for name, g, w in zip(("c_skip", "c_out", "c_in", "c_noise"), got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=2e-6, atol=1e-7, err_msg=name)
 
 
 def test_unet_matches_diffusers(tiny) -> None:
