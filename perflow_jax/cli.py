@@ -194,7 +194,8 @@ def _read_init_image(path: str) -> np.ndarray:
 
 
 def _check_upscale_args(args: argparse.Namespace) -> None:
-    """--upscale needs --upscaler and the --upscale-* options need --upscale (before any work)."""
+    """--upscale needs --upscaler (a latent upscaler's folder) and the --upscale-* options need --upscale; checked
+    before any model loads."""
     if args.upscale is None:
         given = [f for f, v in (("--upscaler", args.upscaler), ("--upscale-steps", args.upscale_steps),
                                 ("--upscale-guidance", args.upscale_guidance)) if v is not None]
@@ -207,6 +208,10 @@ def _check_upscale_args(args: argparse.Namespace) -> None:
     if args.upscale_guidance is not None and not (
             math.isfinite(args.upscale_guidance) and args.upscale_guidance >= 0):
         raise CLIError(f"--upscale-guidance must be a finite number ≥ 0, got {args.upscale_guidance}.")
+    from perflow_jax.hub import resolve_model_path
+    from perflow_jax.models.upscaler_unet import UpscalerUNetConfig
+
+    UpscalerUNetConfig.from_json(os.path.join(resolve_model_path(args.upscaler), "unet"))  # a wrong folder: now
 
 
 def _load_upscaler(args: argparse.Namespace, pipe: Any) -> Any:

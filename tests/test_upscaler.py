@@ -161,8 +161,11 @@ def test_bad_model_is_a_clear_error(tiny, tmp_path) -> None:
     """An SD UNet is not a K-upscaler; a UNet that does not fit the text encoder is named; the UNet refuses a
     map its K blocks cannot take."""
     folder = tiny[0]
-    with pytest.raises(ValueError, match="down_block_types must list one of"):
+    with pytest.raises(ValueError, match="not a latent-upscaler UNet: down_block_types"):
         UpscalerUNetConfig.from_dict({"down_block_types": ["CrossAttnDownBlock2D"] * 4})
+    with pytest.raises(ValueError, match="down_block_types must list one of"):
+        UpscalerUNetConfig(down_block_types=("KDownBlock2D", "DownBlock2D", "KCrossAttnDownBlock2D",
+                                             "KCrossAttnDownBlock2D"))
     with pytest.raises(ValueError, match="mid_block_type"):
         UpscalerUNetConfig.from_dict({"mid_block_type": "UNetMidBlock2DCrossAttn"})
     comps = load_upscaler_components(folder)
@@ -207,7 +210,8 @@ def test_cli_upscale_after_text_to_image(tiny, tmp_path, capsys) -> None:
     img = np.asarray(Image.open(out / "image_0001.png"))
     assert img.shape == (64, 64, 3) and img.std() > 0
     for extra, message in ((["--upscale", "2"], "needs --upscaler"), (["--upscaler", tiny[0]], "needs --upscale 2"),
-                           (["--upscale-guidance", "1"], "needs --upscale 2")):
+                           (["--upscale-guidance", "1"], "needs --upscale 2"),
+                           (["--upscale", "2", "--upscaler", sd], "not a latent-upscaler UNet")):
         assert main([*argv, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err

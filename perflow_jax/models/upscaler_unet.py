@@ -114,6 +114,10 @@ class UpscalerUNetConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> UpscalerUNetConfig:
         """From a diffusers config dict: ``_`` keys ignored, unknown keys warn, unsupported values raise."""
+        if "down_block_types" in d and not is_upscaler_config(d):
+            raise ValueError(f"not a latent-upscaler UNet: down_block_types {d['down_block_types']!r} has no K block "
+                             f"({', '.join(_DOWN_TYPES)}); pass the SD ×2 latent upscaler "
+                             "(stabilityai/sd-x2-latent-upscaler), not an SD model.")
         for key, allowed in _FIXED.items():
             if key in d and d[key] not in allowed:
                 raise ValueError(f"Unsupported latent-upscaler UNet config {key}={d[key]!r}; only {allowed} is "
