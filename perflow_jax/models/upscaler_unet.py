@@ -89,7 +89,9 @@ class UpscalerUNetConfig:
     apply). Frozen and hashable (a static ``jax.jit`` argument).
 
     Unlike SD configs, ``attention_head_dim`` here is the size of each head (K blocks use
-    ``channels // attention_head_dim`` heads), as in diffusers.
+    ``channels // attention_head_dim`` heads), as in diffusers. The defaults are the layout of diffusers' own
+    latent-upscaler test model (a valid K layout: diffusers gives the first up block self-attention and no skip
+    only when its channels equal the time embedding size); a real model's values come from its ``config.json``.
     """
 
     sample_size: int | tuple[int, ...] | None = None
@@ -98,16 +100,16 @@ class UpscalerUNetConfig:
     flip_sin_to_cos: bool = True
     down_block_types: tuple[str, ...] = ("KDownBlock2D",) + ("KCrossAttnDownBlock2D",) * 3
     up_block_types: tuple[str, ...] = ("KCrossAttnUpBlock2D",) * 3 + ("KUpBlock2D",)
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    block_out_channels: tuple[int, ...] = (32, 32, 64, 64)
     layers_per_block: int | tuple[int, ...] = 2
     act_fn: str = "gelu"
     norm_num_groups: int | None = None
     norm_eps: float = 1e-5
-    cross_attention_dim: int = 768
-    attention_head_dim: int | tuple[int, ...] = 64
+    cross_attention_dim: int = 32
+    attention_head_dim: int | tuple[int, ...] = 8
     time_embedding_dim: int | None = None
     timestep_post_act: str | None = "gelu"
-    time_cond_proj_dim: int = 896
+    time_cond_proj_dim: int = 160
     conv_in_kernel: int = 1
     conv_out_kernel: int = 1
 
