@@ -10,11 +10,12 @@ PeRFlow reflow training from a YAML config. The CLI turns JAX's persistent compi
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
@@ -82,6 +83,14 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-image", default=None, help="img2img: an RGB image file")
     s.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.6)")
     s.add_argument("--decode-chunk-size", type=_positive_int, default=None, help="VAE decode chunk (memory)")
+    s.add_argument("--upscale", type=int, choices=(2,), default=None,
+                   help="upscale the latents ×2 with the SD latent upscaler (--upscaler) before decoding")
+    s.add_argument("--upscaler", default=None,
+                   help="with --upscale: a diffusers latent-upscaler folder or cached repo id "
+                        "(stabilityai/sd-x2-latent-upscaler)")
+    s.add_argument("--upscale-steps", type=_positive_int, default=None, help="upscaler Euler steps (default 20)")
+    s.add_argument("--upscale-guidance", type=float, default=None,
+                   help="upscaler CFG scale (default 0: no guidance and no prompt, as in diffusers' example)")
     s.add_argument("--out", required=True,
                    help="output folder for PNGs and grid.png; a rerun replaces the images perflow-jax wrote there "
                         "and touches no other file")
@@ -124,8 +133,9 @@ def _cmd_sample_digits(args: argparse.Namespace) -> None:
     from perflow_jax.images import GRID, GRID_MAX_IMAGES, OutputFolder
     from perflow_jax.pipelines.digits import DEFAULT_MAX_BATCH, DigitsPipeline, save_grid
 
-    if args.delta or args.lora or args.base or args.init_image:
-        raise CLIError("--delta, --lora, --base and --init-image apply to Stable Diffusion models, not 'digits'.")
+    if args.delta or args.lora or args.base or args.init_image or args.upscale or args.upscaler:
+        raise CLIError("--delta, --lora, --base, --init-image, --upscale and --upscaler apply to Stable Diffusion "
+                       "models, not 'digits'.")
     unused = [flag for flag, value in (("--negative-prompt", args.negative_prompt), ("--height", args.height),
                                        ("--width", args.width), ("--dtype", args.dtype), ("--variant", args.variant),
                                        ("--strength", args.strength), ("--decode-chunk-size", args.decode_chunk_size))
@@ -183,9 +193,49 @@ def _read_init_image(path: str) -> np.ndarray:
         raise CLIError(f"--init-image {path!r} is not an image file PIL can read ({type(e).__name__}: {e}).") from e
 
 
+def _check_upscale_args(args: argparse.Namespace) -> None:
+    """--upscale needs --upscaler (a latent upscaler's folder) and the --upscale-* options need --upscale; checked
+    before any model loads."""
+    if args.upscale is None:
+        given = [f for f, v in (("--upscaler", args.upscaler), ("--upscale-steps", args.upscale_steps),
+                                ("--upscale-guidance", args.upscale_guidance)) if v is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --upscale 2.")
+        return
+    if args.upscaler is None:
+        raise CLIError("--upscale 2 needs --upscaler DIR: a diffusers latent-upscaler folder "
+                       "(stabilityai/sd-x2-latent-upscaler).")
+    if args.upscale_guidance is not None and not (
+            math.isfinite(args.upscale_guidance) and args.upscale_guidance >= 0):
+        raise CLIError(f"--upscale-guidance must be a finite number ≥ 0, got {args.upscale_guidance}.")
+    from perflow_jax.hub import resolve_model_path
+    from perflow_jax.models.upscaler_unet import UpscalerUNetConfig
+
+    UpscalerUNetConfig.from_json(os.path.join(resolve_model_path(args.upscaler), "unet"))  # a wrong folder: now
+
+
+def _load_upscaler(args: argparse.Namespace, pipe: Any) -> Any:
+    """The latent upscaler for --upscaler, checked against the text-to-image model's latents."""
+    import jax.numpy as jnp
+
+    from perflow_jax.pipelines.upscale import LatentUpscalePipeline
+
+    t0 = time.perf_counter()
+    up = LatentUpscalePipeline.from_pretrained(args.upscaler, dtype=getattr(jnp, DTYPES[args.dtype or "fp32"]),
+                                               decode_chunk_size=args.decode_chunk_size)
+    mine, theirs = pipe.components.vae_config, up.components.vae_config
+    if (mine.latent_channels, mine.scaling_factor) != (theirs.latent_channels, theirs.scaling_factor):
+        raise CLIError(f"--upscaler {args.upscaler!r} works on latents of {theirs.latent_channels} channels scaled by "
+                       f"{theirs.scaling_factor}; {args.model!r} makes {mine.latent_channels} channels scaled by "
+                       f"{mine.scaling_factor} (the SD ×2 latent upscaler is for SD1.x/SD2.x models).")
+    print(f"loaded upscaler {args.upscaler} in {time.perf_counter() - t0:.1f}s")
+    return up
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
     if args.model in DIGITS_MODELS:
         return _cmd_sample_digits(args)
+    _check_upscale_args(args)
     import jax.numpy as jnp
     import numpy as np
     from tqdm.auto import tqdm
@@ -209,11 +259,15 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         dtype=getattr(jnp, DTYPES[args.dtype or "fp32"]), variant=args.variant,
         decode_chunk_size=args.decode_chunk_size)
     print(f"loaded {args.model} ({pipe.family}, scheduler {pipe.scheduler.name}) in {time.perf_counter() - t0:.1f}s")
+    up = _load_upscaler(args, pipe) if args.upscale else None
 
     # With --batch-size, batch b uses seed + b (as always). By default the batches hold what fits the memory
     # estimate, and image i of the run is image i of one big call (same seed, first_index = i), whatever the split.
     explicit = args.batch_size is not None
     size = init_image.shape[:2] if init_image is not None else (args.height, args.width)
+    if up is not None:  # the upscaler's UNet and VAE run at twice the size: budget the batch for that
+        height, width = size if init_image is not None else pipe._check_size(*size)
+        size = (2 * height, 2 * width)
     bs = args.batch_size if explicit else pipe.default_batch_size(*size)
     grid_images, compile_s, run_s = [], 0.0, 0.0
     batches = range(0, n, bs)
@@ -221,13 +275,20 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         chunk = [args.prompt[i // args.num_images] for i in range(start, min(start + bs, n))]
         seed, first = ((args.seed + b) % 2**32, 0) if explicit else (args.seed, start)
         kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, seed=seed, first_index=first)
+                  guidance_scale=args.guidance, seed=seed, first_index=first,
+                  output_type="uint8" if up is None else "latent")
         if init_image is not None:
             images = pipe.img2img(chunk, init_image, strength=strength, **kw)
         else:
             images = pipe(chunk, height=args.height, width=args.width, **kw)
         compile_s += pipe.stats.compile_seconds
         run_s += pipe.stats.run_seconds
+        if up is not None:  # a stage after text-to-image: the latents, upscaled ×2, then decoded
+            images = up(chunk, latents=images, negative_prompt=args.negative_prompt,
+                        num_inference_steps=args.upscale_steps or 20, guidance_scale=args.upscale_guidance or 0.0,
+                        seed=seed, first_index=first)
+            compile_s += up.stats.compile_seconds
+            run_s += up.stats.run_seconds
         out.save(images, start)
         grid_images.extend(images[:GRID_MAX_IMAGES - len(grid_images)])
     grid_images = np.stack(grid_images)

@@ -22,6 +22,7 @@ from perflow_jax.io import atomic_dir, check_destination, copy_file, copy_tree
 from perflow_jax.models.clip import CLIPTextConfig, load_clip_text_model
 from perflow_jax.models.config_io import CONFIG_NAME, read_config_json, read_json
 from perflow_jax.models.unet import UNetConfig, load_unet
+from perflow_jax.models.upscaler_unet import is_upscaler_config, load_upscaler_unet
 from perflow_jax.models.vae import VAEConfig, load_vae
 from perflow_jax.models.weights_io import FLAX_WEIGHTS, save_flax_checkpoint
 
@@ -152,7 +153,7 @@ def read_model_index(root: str) -> dict[str, Any]:
 # reaches every component.
 ModelLoader = Callable[..., tuple[Any, dict]]
 _MODEL_LOADERS: dict[str, ModelLoader] = {"unet": load_unet, "vae": load_vae, "text_encoder": load_clip_text_model,
-                                          "text_encoder_2": load_clip_text_model}
+                                          "text_encoder_2": load_clip_text_model, "upscaler_unet": load_upscaler_unet}
 
 
 def _load_model(kind: str, folder: str, *, dtype: Any, variant: str | None, allow_pickle: bool,
@@ -218,6 +219,13 @@ def _component_kind(folder: str) -> str:
                      f"supported: {', '.join(_SINGLE_CLASSES)}.")
 
 
+def _unet_kind(folder: str, kind: str) -> str:
+    """``"upscaler_unet"`` for a UNet folder holding the SD ×2 latent upscaler's K-block UNet, else `kind`."""
+    if kind == "unet" and is_upscaler_config(read_config_json(folder)):
+        return "upscaler_unet"
+    return kind
+
+
 def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None,
                     unet_transform: Callable[[Any], Any] | None = None, variant: str | None = None,
                     allow_pickle: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -245,13 +253,16 @@ def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: An
         copies = [n for n in ("tokenizer", "tokenizer_2", "scheduler") if os.path.isdir(os.path.join(root, n))]
     else:
         models, copies = [""], []
+    unet_folder = os.path.join(root, "unet") if is_pipeline else root
     if unet_transform is not None and not ("unet" in models or (not is_pipeline and _component_kind(root) == "unet")):
         raise ValueError(f"{root!r} has no UNet to merge the ΔW into; pass a pipeline or UNet folder.")
+    if unet_transform is not None and _unet_kind(unet_folder, "unet") == "upscaler_unet":
+        raise ValueError(f"{root!r} holds the latent upscaler's UNet; a PeRFlow ΔW is made for an SD UNet.")
 
     with atomic_dir(dst, overwrite=overwrite, sources=(src, root)) as tmp:
         for name in tqdm(models, desc="converting", disable=not progress):
             folder = os.path.join(root, name) if name else root
-            kind = name or _component_kind(folder)
+            kind = _unet_kind(folder, name or _component_kind(folder))
             _, params = _load_model(kind, folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle)
             if kind == "unet" and unet_transform is not None:
                 params = unet_transform(params)

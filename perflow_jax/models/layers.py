@@ -305,7 +305,9 @@ class Attention(nn.Module):
     ``param_names`` names the q, k, v and output Dense layers: :data:`UNET_ATTENTION_NAMES` (default; the same
     normalised names as PyTorch's ``to_q``/``to_k``/``to_v``/``to_out.0``) or :data:`VAE_ATTENTION_NAMES`
     (load with :func:`perflow_jax.models.keymap.rename_torch_attention`). ``qkv_bias``: False in the UNet's
-    transformer blocks, True in the VAE. Norms and residuals are left to the caller.
+    transformer blocks, True in the VAE. ``norm_context``: LayerNorm the context first (param ``norm_cross``,
+    diffusers' ``cross_attention_norm="layer_norm"``, as in the K-upscaler's cross-attention). Other norms and
+    residuals are left to the caller.
     """
 
     heads: int
@@ -315,10 +317,13 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     implementation: AttentionImpl = None
     chunk_size: int | None = None
+    norm_context: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         context = x if context is None else context
+        if self.norm_context:
+            context = LayerNorm(name="norm_cross")(context)
         inner = self.heads * self.head_dim
 
         def proj(name: str, t: jax.Array) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Text-to-image and img2img pipelines (SD1.x, SD2.x, SDXL) with PeRFlow, in named stages, jitted and sharded."""
+"""Text-to-image and img2img pipelines (SD1.x, SD2.x, SDXL) with PeRFlow, and the SD ×2 latent upscaler, in named
+stages, jitted and sharded."""
 
 from perflow_jax.pipelines.defaults import FAMILY_DEFAULTS, model_family
 from perflow_jax.pipelines.stable_diffusion import (
@@ -10,6 +11,8 @@ from perflow_jax.pipelines.stable_diffusion import (
     load_components,
     make_scheduler,
 )
+from perflow_jax.pipelines.upscale import LatentUpscalePipeline, load_upscaler_components
 
 __all__ = ["FAMILY_DEFAULTS", "GenerationInputs", "GenerationRequest", "GenerationSpec", "GenerationStats",
-           "StableDiffusionPipeline", "load_components", "make_scheduler", "model_family"]
+           "LatentUpscalePipeline", "StableDiffusionPipeline", "load_components", "load_upscaler_components",
+           "make_scheduler", "model_family"]

@@ -58,7 +58,8 @@ from perflow_jax.models.unet import UNet2DConditionModel
 from perflow_jax.models.vae import AutoencoderKL, scale_latents, unscale_latents
 from perflow_jax.pipelines.defaults import FAMILY_DEFAULTS, model_family, perflow_config_dict
 
-OUTPUT_TYPES = ("uint8", "float")
+OUTPUT_TYPES = ("uint8", "float", "latent")  # "latent": the final UNet latents, not decoded
+IMAGE_TYPES = ("uint8", "float")
 DEFAULT_BATCH_MEMORY = 8 * 2**30  # default_batch_size's budget per device where JAX reports no memory (CPU)
 STEP_NOISE_FOLD = 2**31  # fold_in(key(seed), STEP_NOISE_FOLD): the ancestral schedulers' step-noise key
 
@@ -77,7 +78,8 @@ class GenerationSpec:
       zero_negative: SDXL without a negative prompt: the unconditional text embeddings are zeros.
       has_latents: the inputs carry initial latents (scaled by the scheduler's ``init_noise_sigma``).
       has_image: img2img: the inputs carry init images, encoded by the VAE and noised to ``start_step``.
-      output_type: ``"uint8"`` or ``"float"`` (in [0, 1]) images.
+      output_type: ``"uint8"`` or ``"float"`` (in [0, 1]) images, or ``"latent"``: the scaled latents
+        (B, C, H/f, W/f) float32, undecoded (e.g. for :mod:`perflow_jax.pipelines.upscale`).
     """
 
     batch: int
@@ -242,7 +244,8 @@ class StableDiffusionPipeline:
                  num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
                  latents: np.ndarray | None = None, output_type: str = "uint8", first_index: int = 0) -> np.ndarray:
-        """Generate images for `prompt` (NHWC, uint8 or float in [0, 1] with ``output_type="float"``).
+        """Generate images for `prompt` (NHWC, uint8 or float in [0, 1] with ``output_type="float"``; the scaled
+        latents, undecoded, with ``output_type="latent"``).
 
         ``latents`` (B, 4, H/8, W/8) replaces the seeded initial noise (it is scaled by the scheduler's
         ``init_noise_sigma`` as in diffusers). ``guidance_scale`` ≤ 1 turns classifier-free guidance off, as
@@ -273,17 +276,7 @@ class StableDiffusionPipeline:
         spec = request.spec
         state = self.scheduler_state(spec.num_inference_steps, self.latent_shape(spec))
         args = (self.params, state, request.inputs, request.seed, request.guidance_scale)
-        t0 = time.perf_counter()
-        compiled = self._compiled.get(spec)
-        if compiled is None:
-            rep, batch = self._replicated, self._batch
-            fn = jax.jit(self.program(spec), in_shardings=(rep, rep, batch, rep, rep), out_shardings=batch)
-            compiled = fn.lower(*args).compile()
-            self._compiled[spec] = compiled
-        t1 = time.perf_counter()
-        images = sharding.to_host(compiled(*args))[:request.num_images]
-        t2 = time.perf_counter()
-        self.stats = GenerationStats(t1 - t0, t2 - t1, len(self._compiled))
+        images, self.stats = run_cached(self._compiled, spec, self.program, args, self.mesh, request.num_images)
         return images
 
     # ------------------------------------------------------------------------------------------------------
@@ -463,7 +456,7 @@ class StableDiffusionPipeline:
                       if spec.use_cfg else None)
             x = self.prepare_latents(params, spec, state, inputs, seed)
             x = self.denoise(params, spec, state, x, cond, uncond, guidance_scale, seed)
-            return self.decode(params, x, spec.output_type)
+            return x if spec.output_type == "latent" else self.decode(params, x, spec.output_type)
 
         return program
 
@@ -509,10 +502,7 @@ class StableDiffusionPipeline:
             return x
         chex.assert_shape(inputs.image, (shape[0], 3, spec.height, spec.width),
                           custom_message="inputs.image must be (B, 3, H, W)")
-        dist = self.vae.apply({"params": params["vae"]}, inputs.image * 2.0 - 1.0, method=AutoencoderKL.encode)
-        enc_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-        z = jax.vmap(_sample_latent)(dist.mean, dist.logvar, enc_keys)
-        z0 = scale_latents(z.astype(jnp.float32), self.components.vae_config)
+        z0 = encode_images(self.vae, params["vae"], self.components.vae_config, inputs.image, keys)
         t = jnp.full((shape[0],), state.timesteps[spec.start_step])
         return self.scheduler.add_noise(z0, x, t, state)
 
@@ -538,11 +528,45 @@ class StableDiffusionPipeline:
 
     def decode(self, params: Any, latents: jax.Array, output_type: str = "float") -> jax.Array:
         """UNet latents → NHWC images: float32 in [0, 1], or uint8 with ``output_type="uint8"``."""
-        _check_output_type(output_type)
-        z = unscale_latents(latents, self.components.vae_config).astype(self.dtype)
-        image = self.vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode)
-        image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-        return jnp.round(image * 255).astype(jnp.uint8) if output_type == "uint8" else image
+        return decode_latents(self.vae, params["vae"], self.components.vae_config, latents, output_type)
+
+
+def encode_images(vae: AutoencoderKL, vae_params: Any, vae_config: Any, images: jax.Array, keys: jax.Array
+                  ) -> jax.Array:
+    """(B, 3, H, W) images in [0, 1] → scaled float32 UNet latents, each a sample of the VAE posterior drawn with
+    ``fold_in(keys[i], 1)`` (image i's key; see the module docstring)."""
+    dist = vae.apply({"params": vae_params}, images * 2.0 - 1.0, method=AutoencoderKL.encode)
+    enc_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    z = jax.vmap(_sample_latent)(dist.mean, dist.logvar, enc_keys)
+    return scale_latents(z.astype(jnp.float32), vae_config)
+
+
+def decode_latents(vae: AutoencoderKL, vae_params: Any, vae_config: Any, latents: jax.Array,
+                   output_type: str = "float") -> jax.Array:
+    """Scaled UNet latents → NHWC images in `vae`'s dtype: float32 in [0, 1], or uint8 with
+    ``output_type="uint8"``."""
+    if output_type not in IMAGE_TYPES:
+        raise ValueError(f"decode output_type must be 'uint8' or 'float', got {output_type!r}.")
+    z = unscale_latents(latents, vae_config).astype(vae.dtype)
+    image = vae.apply({"params": vae_params}, z, method=AutoencoderKL.decode)
+    image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return jnp.round(image * 255).astype(jnp.uint8) if output_type == "uint8" else image
+
+
+def run_cached(cache: dict, spec: Any, program: Callable[[Any], Callable[..., jax.Array]], args: tuple, mesh: Mesh,
+               rows: int) -> tuple[np.ndarray, GenerationStats]:
+    """Run ``program(spec)`` on ``args = (params, state, inputs, seed, guidance_scale)``: jitted with params,
+    state, seed and guidance replicated and inputs and output batch-sharded over `mesh`, compiled on first use
+    and kept in `cache` by `spec`. Returns the output's first `rows` rows on the host, and the timings."""
+    t0 = time.perf_counter()
+    compiled = cache.get(spec)
+    if compiled is None:
+        rep, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+        fn = jax.jit(program(spec), in_shardings=(rep, rep, batch, rep, rep), out_shardings=batch)
+        compiled = cache[spec] = fn.lower(*args).compile()
+    t1 = time.perf_counter()
+    out = sharding.to_host(compiled(*args))[:rows]
+    return out, GenerationStats(t1 - t0, time.perf_counter() - t1, len(cache))
 
 
 def load_components(path_or_repo_id: str, *, base: str | None = None, delta: str | None = None,
@@ -601,7 +625,7 @@ def _as_list(x: str | Sequence[str], what: str) -> list[str]:
 
 def _check_output_type(output_type: str) -> None:
     if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be 'uint8' or 'float', got {output_type!r}.")
+        raise ValueError(f"output_type must be 'uint8', 'float' or 'latent', got {output_type!r}.")
 
 
 def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:

@@ -138,6 +138,21 @@ def scale_model_input(config: Any, state: Any, sample: jax.Array, step_index: An
     return (sample.astype(jnp.float32) / jnp.sqrt(sigma**2 + 1)).astype(sample.dtype)
 
 
+def karras_preconditioning(sigma: jax.typing.ArrayLike, sigma_data: float = 1.0
+                           ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Karras et al. (2022) Table 1 preconditioning of a denoiser D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise)
+    in the VE form this sampler uses, float32: ``(c_skip, c_out, c_in, c_noise)`` with c_skip = σd²/(σ² + σd²),
+    c_out = σ·σd/sqrt(σ² + σd²), c_in = 1/sqrt(σ² + σd²), c_noise = log(σ)/4.
+
+    With σd = 1 (SD latents), c_in·x is :func:`scale_model_input`; the SD ×2 latent upscaler
+    (:mod:`perflow_jax.pipelines.upscale`) wraps its UNet F this way, so D returns x̂₀ (``prediction_type="sample"``).
+    """
+    sigma = jnp.asarray(sigma, jnp.float32)
+    sd2 = jnp.float32(sigma_data) ** 2
+    denom = sigma**2 + sd2
+    return sd2 / denom, sigma * jnp.float32(sigma_data) / jnp.sqrt(denom), 1 / jnp.sqrt(denom), jnp.log(sigma) / 4
+
+
 def step(config: EulerConfig, state: EulerState, model_output: jax.Array, step_index: Any, sample: jax.Array,
          key: jax.Array | None = None) -> tuple[jax.Array, EulerState]:
     """One Euler step from σ (churned to σ̂) to the next σ; float32 math, `sample`'s dtype out.
