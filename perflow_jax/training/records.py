@@ -22,7 +22,7 @@ def encode(arrays: Mapping[str, np.ndarray]) -> bytes:
     """Arrays (of the dtypes in :data:`DTYPES`) → one record's bytes."""
     header, blobs = [], []
     for name, a in arrays.items():
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a)  # tobytes() is C order (ascontiguousarray would make a scalar 1-d)
         if a.dtype.name not in DTYPES:
             raise ValueError(f"record field {name!r} has dtype {a.dtype}; expected one of {sorted(DTYPES)}.")
         header.append([name, a.dtype.name, list(a.shape)])

@@ -535,6 +535,16 @@ def init_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> dict
             "ema": copy(params) if ema else None}
 
 
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """The EMA decay of 0-based step `step`: `decay`, or with `warmup` ``min((1 + step) / (10 + step), decay)``
+    (the reference's ``EMAModel`` schedule: 0.1 at the first update, reaching `decay` after a few thousand)."""
+    d = jnp.float32(decay)
+    if not warmup:
+        return d
+    s = jnp.asarray(step).astype(jnp.float32)
+    return jnp.minimum((1.0 + s) / (10.0 + s), d)
+
+
 def make_train_step(rcfg: reflow.ReflowConfig, apply_fn: reflow.StudentFn, tx: optax.GradientTransformation,
                     ema_decay: float, base_key: jax.Array, ema_warmup: bool = False
                     ) -> Callable[..., tuple[dict, jax.Array]]:
@@ -568,11 +578,7 @@ def make_train_step(rcfg: reflow.ReflowConfig, apply_fn: reflow.StudentFn, tx: o
         params = optax.apply_updates(state["params"], updates)
         ema = state["ema"]
         if ema is not None:
-            decay = jnp.float32(ema_decay)
-            if ema_warmup:
-                s = state["step"].astype(jnp.float32)
-                decay = jnp.minimum((1.0 + s) / (10.0 + s), decay)
-            ema = optax.incremental_update(params, ema, 1.0 - decay)
+            ema = optax.incremental_update(params, ema, 1.0 - ema_decay_at(state["step"], ema_decay, ema_warmup))
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}, loss
 
     return step
@@ -890,6 +896,7 @@ def train_from_config(config_path: str, overrides: list[str], allow_config_chang
     return result
 
 
-__all__ = ["ArrayDataset", "DEFAULTS", "NonFiniteLossError", "RESUME_FREE_KEYS", "RUN_CONFIG", "batch_indices",
-           "check_resume", "init_state", "load_config", "load_dataset", "make_apply_fn", "make_optimizer",
-           "make_train_step", "read_yaml", "reflow_config", "train", "train_from_config", "validate"]
+__all__ = ["ArrayDataset", "DEFAULTS", "NonFiniteLossError", "RESUME_FREE_KEYS", "RUN_CONFIG", "STREAM_KINDS",
+           "batch_indices", "check_resume", "ema_decay_at", "init_state", "load_config", "load_dataset",
+           "make_apply_fn", "make_optimizer", "make_train_step", "read_yaml", "reflow_config", "train",
+           "train_from_config", "validate"]
