@@ -302,8 +302,10 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
     import jax.numpy as jnp
 
+    from perflow_jax.sharding import initialize_distributed
     from perflow_jax.training.prepare import prepare
 
+    initialize_distributed()  # several hosts: each prepares its share of the shards (a no-op in one process)
     storage = {"bf16": "bfloat16", "fp32": "float32"}[args.storage_dtype]
     report = prepare(args.model, args.inputs, args.out, resolution=args.resolution, batch_size=args.batch_size,
                      shard_size=args.shard_size, storage_dtype=storage,

@@ -283,6 +283,11 @@ def _settings(model: str, family: str, resolution: int, dtype: str, vae_config: 
             "shards": [s.name for s in shards]}
 
 
+def _own_file(name: str) -> bool:
+    """Whether `name` is one prepare writes (or its temp name, which starts with a dot)."""
+    return name.startswith((".", "shard-")) or name in (DATASET_JSON, NULL_FILE, REPORT)
+
+
 def _check_out(out: str, settings: dict[str, Any]) -> None:
     """An output folder is new, empty, or a prepared folder of the same settings (then resumed)."""
     if os.path.lexists(out) and not os.path.isdir(out):
@@ -292,7 +297,8 @@ def _check_out(out: str, settings: dict[str, Any]) -> None:
         return
     path = os.path.join(out, DATASET_JSON)
     if not os.path.isfile(path):
-        if os.listdir(out):
+        # Another process of the same job may be writing its first files: only prepare's own names are allowed.
+        if any(not _own_file(f) for f in os.listdir(out)):
             raise ValueError(f"--out {out!r} is a folder that holds other files; give an empty or new folder (or a "
                              f"folder perflow-jax prepare wrote, to resume it).")
         return
@@ -388,11 +394,11 @@ def prepare(model: str, inputs: Sequence[str], out: str, *, resolution: int = 51
     _check_out(out, settings)
     os.makedirs(out, exist_ok=True)
     main = jax.process_index() == 0
-    if main:
-        null = encoders.texts([""], resolution)
-        with atomic_file(os.path.join(out, NULL_FILE)) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **{k: v[0] for k, v in null.items()})
-        write_json(os.path.join(out, DATASET_JSON), settings)
+    # Every process writes the same null condition and settings (atomic renames), so none waits for another.
+    null = encoders.texts([""], resolution)
+    with atomic_file(os.path.join(out, NULL_FILE)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{k: v[0] for k, v in null.items()})
+    write_json(os.path.join(out, DATASET_JSON), settings)
 
     mine = [s for s in shards if s.index % jax.process_count() == jax.process_index()]
     todo = [s for s in mine if not os.path.isfile(os.path.join(out, s.name + ".json"))]

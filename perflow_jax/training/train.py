@@ -537,12 +537,13 @@ def init_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> dict
 
 def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
     """The EMA decay of 0-based step `step`: `decay`, or with `warmup` ``min((1 + step) / (10 + step), decay)``
-    (the reference's ``EMAModel`` schedule: 0.1 at the first update, reaching `decay` after a few thousand)."""
+    (the reference's diffusers ``EMAModel`` schedule, which also uses 0 at step 0: the first update copies the
+    params; 2/11 at step 1, reaching 0.9999 near step 90000)."""
     d = jnp.float32(decay)
     if not warmup:
         return d
     s = jnp.asarray(step).astype(jnp.float32)
-    return jnp.minimum((1.0 + s) / (10.0 + s), d)
+    return jnp.where(s > 0, jnp.minimum((1.0 + s) / (10.0 + s), d), 0.0)
 
 
 def make_train_step(rcfg: reflow.ReflowConfig, apply_fn: reflow.StudentFn, tx: optax.GradientTransformation,
@@ -787,8 +788,10 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
     jitted = jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, batch_sh, batch_sh, None),
                      out_shardings=(state_sh, None), donate_argnums=(0,))
 
-    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=t["keep_checkpoints"], create=True, enable_async_checkpointing=False))
+    manager = ocp.CheckpointManager(  # with a stream: items "default" (the train state) and "data" (the iterator)
+        ckpt_dir, item_names=None if stream is None else ("default", "data"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=t["keep_checkpoints"], create=True,
+                                             enable_async_checkpointing=False))
     start = 0
     if resume_step is not None:
         start = resume_step
