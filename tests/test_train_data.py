@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from perflow_jax import cli
+from perflow_jax.models.adapter import UNetCondition
 from perflow_jax.training import prepare as prep
 from perflow_jax.training import train as train_lib
 from perflow_jax.training.data import Stream
@@ -118,9 +119,8 @@ def test_sd15_prepare_train_resume_export_runs_in_diffusers(root, tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
     text = rng.standard_normal((2, 16, 32)).astype(np.float32)
-    apply = train_lib.make_apply_fn(train_lib.unet_config(train_lib.load_config(cfg_path, _overrides(model, data, out))),
-                                    np.float32)
-    from perflow_jax.models.adapter import UNetCondition
+    ucfg = train_lib.unet_config(train_lib.load_config(cfg_path, _overrides(model, data, out)))
+    apply = train_lib.make_apply_fn(ucfg, np.float32)
 
     ours = np.asarray(apply(straight["params"], x, np.asarray([500.0, 20.0], np.float32),
                             UNetCondition(encoder_hidden_states=text)))
