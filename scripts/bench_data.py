@@ -55,13 +55,13 @@ def bench_prepare(model: str, comps: Any, work: str, args: argparse.Namespace) -
 
     write_images(os.path.join(work, "warm"), args.batch_size, args.resolution, seed=1)
     write_images(os.path.join(work, "images"), args.images, args.resolution)
-    kw = dict(resolution=args.resolution, batch_size=args.batch_size, progress=False, components=comps)
+    enc = prep.Encoders(comps)
+    kw = dict(resolution=args.resolution, batch_size=args.batch_size, progress=False, encoders=enc)
     prep.prepare(model, [os.path.join(work, "warm")], os.path.join(work, "prep_warm"), **kw)  # compiles
     t0 = time.perf_counter()
     report = prep.prepare(model, [os.path.join(work, "images")], os.path.join(work, "prep"), **kw)
     prepare_s = time.perf_counter() - t0
 
-    enc = prep.Encoders(comps)
     rng = np.random.default_rng(0)
     pixels = rng.uniform(-1, 1, (args.batch_size, 3, args.resolution, args.resolution)).astype(np.float32)
     captions = [f"a red cat on the mat {i}" for i in range(args.batch_size)]
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--solver-steps", type=int, default=1)
     p.add_argument("--loader-batches", type=int, default=50)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--only", choices=("prepare", "loader"), default=None, help="run one half (the loader needs "
+                                                                                 "the prepared data: runs prepare)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -126,11 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     from perflow_jax.models.components import load_pipeline_components
 
     bench = runpy.run_path(os.path.join(ROOT, "scripts", "benchmark.py"))
+    os.makedirs(args.model_cache, exist_ok=True)
     model = bench["build_preset"](args.preset, os.path.join(args.model_cache, args.preset))
     comps = load_pipeline_components(model)
     with tempfile.TemporaryDirectory() as work:
         out = {"preset": args.preset, "resolution": args.resolution, "devices": str(jax.devices()),
-               "prepare": bench_prepare(model, comps, work, args), "loader": bench_loader(model, work, args)}
+               "prepare": bench_prepare(model, comps, work, args)}
+        if args.only != "prepare":
+            out["loader"] = bench_loader(model, work, args)
     print(json.dumps(out, indent=2))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -288,8 +288,9 @@ def _own_file(name: str) -> bool:
     return name.startswith((".", "shard-")) or name in (DATASET_JSON, NULL_FILE, REPORT)
 
 
-def _check_out(out: str, settings: dict[str, Any]) -> None:
-    """An output folder is new, empty, or a prepared folder of the same settings (then resumed)."""
+def _check_out(out: str, settings: dict[str, Any] | None) -> None:
+    """An output folder is new, empty, or a prepared folder of the same `settings` (then resumed; None: not
+    compared yet)."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} exists and is not a folder.")
     if not os.path.isdir(out):
@@ -302,11 +303,41 @@ def _check_out(out: str, settings: dict[str, Any]) -> None:
             raise ValueError(f"--out {out!r} is a folder that holds other files; give an empty or new folder (or a "
                              f"folder perflow-jax prepare wrote, to resume it).")
         return
+    if settings is None:
+        return
     old = read_json(path)
     diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if diff:
         raise ValueError(f"{path} was prepared with other settings ({', '.join(diff)} differ); resume with the same "
                          f"model, inputs, resolution and dtype, or prepare into a new folder.")
+
+
+def _decode(sample: Sample, resolution: int) -> tuple[np.ndarray | None, str | None]:
+    if sample.problem is not None:
+        return None, sample.problem
+    try:
+        return load_image(sample.image, resolution), None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
+        return None, f"not a readable image ({type(e).__name__}: {e})"
+
+
+def _decoded(samples: Iterator[Sample], resolution: int, ahead: int
+             ) -> Iterator[tuple[int, Sample, np.ndarray | None, str | None]]:
+    """(position, sample, pixels, problem) in order, decoded by a thread pool up to `ahead` samples ahead of
+    the consumer (PIL decodes and resizes without the GIL, so this overlaps the encoders' device work)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    window: deque = deque()
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for pos, s in enumerate(samples):
+            window.append((pos, s, pool.submit(_decode, s, resolution)))
+            if len(window) > ahead:
+                p, smp, fut = window.popleft()
+                yield (p, smp, *fut.result())
+        while window:
+            p, smp, fut = window.popleft()
+            yield (p, smp, *fut.result())
 
 
 def _write_shard(out: str, shard: InputShard, encoders: Encoders, resolution: int, dtype: np.dtype,
@@ -336,13 +367,7 @@ def _write_shard(out: str, shard: InputShard, encoders: Encoders, resolution: in
             bar.update(len(pending))
             pending.clear()
 
-        for pos, s in enumerate(iter_samples(shard)):
-            problem = s.problem
-            if problem is None:
-                try:
-                    pixels = load_image(s.image, resolution)
-                except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
-                    problem = f"not a readable image ({type(e).__name__}: {e})"
+        for pos, s, pixels, problem in _decoded(iter_samples(shard), resolution, 2 * batch_size):
             if problem is not None:
                 skipped.append({"sample": s.name, "reason": problem})
                 bar.update(1)
@@ -359,13 +384,14 @@ def _write_shard(out: str, shard: InputShard, encoders: Encoders, resolution: in
 
 def prepare(model: str, inputs: Sequence[str], out: str, *, resolution: int = 512, batch_size: int = 16,
             storage_dtype: str = "bfloat16", shard_size: int = 1000, compute_dtype: Any = jnp.float32,
-            progress: bool = True, components: Any = None) -> dict[str, Any]:
+            progress: bool = True, components: Any = None, encoders: Encoders | None = None) -> dict[str, Any]:
     """Prepare `inputs` for training with `model` (a diffusers SD/SDXL folder or cached repo id) into `out`.
 
     Every argument is checked before the first file is written; a rerun into the same `out` with the same
     settings skips the shards already done. Returns the report (also written to ``report.json`` by process 0
     once every shard is done). `components` may pass already-loaded
-    :class:`~perflow_jax.models.components.PipelineComponents` of `model`.
+    :class:`~perflow_jax.models.components.PipelineComponents` of `model`, and `encoders` their
+    :class:`Encoders` (reusing its compiled programs across calls).
     """
     from tqdm.auto import tqdm
 
@@ -380,6 +406,9 @@ def prepare(model: str, inputs: Sequence[str], out: str, *, resolution: int = 51
         if not os.path.exists(p):
             raise ValueError(f"Input {p!r} does not exist.")
     shards = list_inputs(inputs, shard_size)
+    _check_out(out, None)  # before loading the model
+    if encoders is not None:
+        components = encoders.components
     if components is None:
         from perflow_jax.models.components import load_pipeline_components
 
@@ -388,7 +417,7 @@ def prepare(model: str, inputs: Sequence[str], out: str, *, resolution: int = 51
     if resolution % factor:
         raise ValueError(f"resolution={resolution} must be a multiple of the VAE's downscale factor {factor}.")
     latent_shape = (components.vae_config.latent_channels, resolution // factor, resolution // factor)
-    encoders = Encoders(components, compute_dtype)
+    encoders = encoders if encoders is not None else Encoders(components, compute_dtype)
     settings = _settings(model, encoders.family, resolution, storage_dtype, components.vae_config, shards,
                          latent_shape)
     _check_out(out, settings)
