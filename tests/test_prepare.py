@@ -175,3 +175,54 @@ def test_record_codec_round_trip_and_refusal():
         records.decode(records.encode(rec)[:-3])
     with pytest.raises(ValueError, match="dtype"):
         records.encode({"x": np.zeros(2, np.complex64)})
+
+
+@pytest.mark.slow(reason="two prepare processes in a jax.distributed group, against one process")
+def test_two_processes_prepare_their_shares(data, tmp_path):
+    """`perflow-jax prepare` in a real 2-process jax.distributed group (2 host devices each) writes the same
+    records as one process: process i encodes shards i, i+2, ... into the shared folder (float32; TOL as above:
+    the batch is split over other devices, so XLA may block the matmuls differently, ~1e-6 on O(1) values)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from perflow_jax import sharding
+
+    root = data["root"]
+    inputs = [str(root / "images"), str(root / "shard.tar")]
+    single = str(tmp_path / "single")
+    prep.prepare(str(root / "sd15"), inputs, single, resolution=RES, batch_size=8, shard_size=10,
+                 storage_dtype="float32", progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    group = str(tmp_path / "group")
+    env = {k: v for k, v in os.environ.items() if k not in (sharding.ENV_COORDINATOR, sharding.ENV_NUM_PROCESSES,
+                                                             sharding.ENV_PROCESS_ID)}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               **{sharding.ENV_COORDINATOR: f"127.0.0.1:{port}", sharding.ENV_NUM_PROCESSES: "2"})
+    root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-m", "perflow_jax.cli", "--no-cache", "prepare", *inputs, "--model",
+                               str(root / "sd15"), "--out", group, "--resolution", str(RES), "--batch-size", "8",
+                               "--shard-size", "10", "--storage-dtype", "fp32", "--no-progress"], cwd=root_dir,
+                              env={**env, sharding.ENV_PROCESS_ID: str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, logs[-1][-3000:]
+    # Process 0 encoded shards 0 and 2 (10 + 4 images), process 1 shards 1 and 3 (10 + 11 of the tar's 12).
+    encoded = sorted(json.loads(log[log.index("{"):log.rindex("}") + 1])["encoded_now"] for log in logs)
+    assert encoded == [14, 21]
+    assert json.load(open(os.path.join(group, prep.REPORT)))["records"] == 35
+    a, b = _records(single), _records(group)
+    assert [int(r["id"]) for r in a] == [int(r["id"]) for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for k in ra:
+            np.testing.assert_allclose(ra[k], rb[k], atol=TOL, rtol=0, err_msg=k)

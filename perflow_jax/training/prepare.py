@@ -388,8 +388,8 @@ def prepare(model: str, inputs: Sequence[str], out: str, *, resolution: int = 51
     """Prepare `inputs` for training with `model` (a diffusers SD/SDXL folder or cached repo id) into `out`.
 
     Every argument is checked before the first file is written; a rerun into the same `out` with the same
-    settings skips the shards already done. Returns the report (also written to ``report.json`` by process 0
-    once every shard is done). `components` may pass already-loaded
+    settings skips the shards already done. Returns the report (also written to ``report.json`` by a process
+    that finds every shard done). `components` may pass already-loaded
     :class:`~perflow_jax.models.components.PipelineComponents` of `model`, and `encoders` their
     :class:`Encoders` (reusing its compiled programs across calls).
     """
@@ -422,7 +422,6 @@ def prepare(model: str, inputs: Sequence[str], out: str, *, resolution: int = 51
                          latent_shape)
     _check_out(out, settings)
     os.makedirs(out, exist_ok=True)
-    main = jax.process_index() == 0
     # Every process writes the same null condition and settings (atomic renames), so none waits for another.
     null = encoders.texts([""], resolution)
     with atomic_file(os.path.join(out, NULL_FILE)) as tmp, open(tmp, "wb") as f:
@@ -443,7 +442,7 @@ def prepare(model: str, inputs: Sequence[str], out: str, *, resolution: int = 51
     seconds = time.perf_counter() - t0
     report = collect_report(out, shards)
     report.update({"encoded_now": done, "seconds": seconds, "images_per_second": done / max(seconds, 1e-9)})
-    if main and report["complete"]:
+    if report["complete"]:  # whichever process finishes last sees every note
         write_json(os.path.join(out, REPORT), report)
     return report
 
