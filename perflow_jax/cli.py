@@ -113,6 +113,19 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="benchmark vs PyTorch diffusers (scripts/benchmark.py; arguments passed on)",
                    add_help=False)
 
+    r = sub.add_parser("prepare", help="encode images + captions into ArrayRecord shards for training")
+    r.add_argument("inputs", nargs="+", help="image folders (metadata.jsonl, or NAME.txt beside each image), "
+                                            "webdataset .tar shards (img2dataset layout), or folders of .tar shards")
+    r.add_argument("--model", required=True, help="the teacher's diffusers folder (or cached repo id): its VAE and "
+                                                  "text encoder(s) encode the data")
+    r.add_argument("--out", required=True, help="output folder (new or empty; rerun into it to resume)")
+    r.add_argument("--resolution", type=_positive_int, default=512, help="square training size (512; SDXL 1024)")
+    r.add_argument("--batch-size", type=_positive_int, default=16, help="images per encoder call")
+    r.add_argument("--shard-size", type=_positive_int, default=1000, help="images per output shard (folders)")
+    r.add_argument("--storage-dtype", choices=("bf16", "fp32"), default="bf16", help="stored arrays (default bf16)")
+    r.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="encoder params and activations (fp32)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     t = sub.add_parser("train", help="PeRFlow reflow training from a YAML config")
     t.add_argument("--config", required=True, help="YAML training config (see configs/ and docs/training.md)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=400")
@@ -345,6 +358,25 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    import json
+
+    import jax.numpy as jnp
+
+    from perflow_jax.sharding import initialize_distributed
+    from perflow_jax.training.prepare import prepare
+
+    initialize_distributed()  # several hosts: each prepares its share of the shards (a no-op in one process)
+    storage = {"bf16": "bfloat16", "fp32": "float32"}[args.storage_dtype]
+    report = prepare(args.model, args.inputs, args.out, resolution=args.resolution, batch_size=args.batch_size,
+                     shard_size=args.shard_size, storage_dtype=storage,
+                     compute_dtype=getattr(jnp, DTYPES[args.dtype or "fp32"]), progress=not args.no_progress)
+    skipped = report.pop("skipped_samples")
+    print(json.dumps(report, indent=2))
+    for row in skipped:
+        print(f"skipped {row['sample']}: {row['reason']}")
+
+
 def _run_bench(argv: list[str]) -> int:
     """``perflow-jax bench ...`` = ``python scripts/benchmark.py ...`` from the source checkout (it needs torch,
     diffusers and the benchmark configs in scripts/configs, which are not part of the installed package)."""
@@ -368,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     enable_compilation_cache(enable=not args.no_cache)  # the one place the CLI turns the persistent cache on
     try:
-        {"sample": _cmd_sample, "convert": _cmd_convert, "train": _cmd_train}[args.command](args)
+        {"sample": _cmd_sample, "convert": _cmd_convert, "prepare": _cmd_prepare,
+         "train": _cmd_train}[args.command](args)
     except (CLIError, OSError, ValueError) as e:  # OSError: missing, unreadable or unwritable files and folders
         print(f"perflow-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,8 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 VENV=${PERFLOW_JAX_OLDEST_VENV:-.venv-oldest}
 # The oldest version each runtime lower bound in pyproject.toml allows.
 OLDEST=(jax==0.10.0 jaxlib==0.10.0 flax==0.12.0 optax==0.2.4 chex==0.1.88 numpy==2.0.2 safetensors==0.4.5
-        transformers==5.0.0 orbax-checkpoint==0.11.20 pyyaml==6.0.1 tqdm==4.66.0 pillow==10.4.0)
+        transformers==5.0.0 orbax-checkpoint==0.11.20 pyyaml==6.0.1 tqdm==4.66.0 pillow==10.4.0 grain==0.2.18
+        array-record==0.8.6)
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # The test references stay pinned, except the runtime dependencies under test and what must move with them

@@ -719,7 +719,24 @@ TRAINING_ROWS: list[Row] = [
         setup=lambda w, t: (_digits_yaml(w, t), (w / "x.npz").write_text("x"))),
     Row("train-missing-teacher-no-output", r"teacher\.weights='.*nope\.safetensors' does not exist",
         argv=(*_TRAIN, "output_dir={out}", "teacher.weights={w}/nope.safetensors"), setup=_digits_yaml),
+    Row("train-prepared-path-not-prepared", r"data\.path='.*' is not a prepared data set .*perflow-jax prepare",
+        argv=(*_TRAIN, "output_dir={out}", "data.kind=prepared", "data.path={w}"), setup=_digits_yaml),
+    # perflow-jax prepare: inputs and --out checked before the model is loaded.
+    Row("prepare-missing-input", r"Input '.*nope' does not exist",
+        argv=("prepare", "{w}/nope", "--model", "{tiny}", "--out", "{out}")),
+    Row("prepare-out-holds-other-files", r"--out '.*keep' is a folder that holds other files",
+        argv=("prepare", "{w}/imgs", "--model", "{tiny}", "--out", "{w}/keep"),
+        setup=lambda w, t: (_image_folder(w), (w / "keep").mkdir(), (w / "keep" / "k.txt").write_text("k"))),
+    Row("prepare-input-without-images", r"holds no images .*metadata\.jsonl",
+        argv=("prepare", "{w}/empty", "--model", "{tiny}", "--out", "{out}"),
+        setup=lambda w, t: (w / "empty").mkdir()),
 ]
+
+
+def _image_folder(work: Path) -> None:
+    from tests.support.tiny_data import write_image_folder
+
+    write_image_folder(str(work / "imgs"), 1)
 
 
 def test_training_digits_data_needs_no_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,16 +53,17 @@ DEFAULTS: dict[str, Any] = {
                "guidance_scale": 7.5, "cond_dropout": 0.1},
     "train": {"steps": 1000, "batch_size": 64, "grad_accum": 1, "learning_rate": 1e-4, "warmup_steps": 100,
               "lr_schedule": "constant", "weight_decay": 1e-2, "adam_b1": 0.9, "adam_b2": 0.999, "grad_clip": 1.0,
-              "ema_decay": 0.999, "seed": 0, "checkpoint_every": 500, "keep_checkpoints": 2, "log_every": 50,
+              "ema_decay": 0.999, "ema_warmup": False, "seed": 0, "checkpoint_every": 500, "keep_checkpoints": 2,
+              "log_every": 50,
               "sharding": "replicated", "progress": True},
-    "data": {"kind": "digits", "path": None, "image_size": None},
+    "data": {"kind": "digits", "path": None, "image_size": None, "model": None, "workers": 4},
 }
 _CHOICES = {
     ("model", "kind"): ("digits", "unet"),
     ("model", "dtype"): ("float32", "bfloat16"),
     ("train", "lr_schedule"): ("constant", "cosine"),
     ("train", "sharding"): ("replicated", "fsdp"),
-    ("data", "kind"): ("digits", "npz", "images"),
+    ("data", "kind"): ("digits", "npz", "images", "prepared", "online"),
 }
 
 
@@ -148,6 +149,7 @@ _SCHEMA: dict[str, _Field] = {
     "train.adam_b2": _float(0.0, 1.0, hi_open=True),
     "train.grad_clip": _float(0.0, lo_open=True),
     "train.ema_decay": _float(0.0, 1.0, hi_open=True),
+    "train.ema_warmup": _BOOL,
     "train.seed": _int(0, 2**32 - 1),
     "train.checkpoint_every": _int(),
     "train.keep_checkpoints": _int(),
@@ -157,7 +159,10 @@ _SCHEMA: dict[str, _Field] = {
     "data.kind": _str(choices=_CHOICES[("data", "kind")]),
     "data.path": _str(optional=True),
     "data.image_size": _int(optional=True),
+    "data.model": _str(optional=True),
+    "data.workers": _int(1, 256),
 }
+STREAM_KINDS = ("prepared", "online")  # data.kind values read by perflow_jax.training.data (Grain)
 
 
 def _yaml_error(source: str, e: yaml.YAMLError) -> ValueError:
@@ -530,10 +535,25 @@ def init_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> dict
             "ema": copy(params) if ema else None}
 
 
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """The EMA decay of 0-based step `step`: `decay`, or with `warmup` ``min((1 + step) / (10 + step), decay)``
+    (the reference's diffusers ``EMAModel`` schedule, which also uses 0 at step 0: the first update copies the
+    params; 2/11 at step 1, reaching 0.9999 near step 90000)."""
+    d = jnp.float32(decay)
+    if not warmup:
+        return d
+    s = jnp.asarray(step).astype(jnp.float32)
+    return jnp.where(s > 0, jnp.minimum((1.0 + s) / (10.0 + s), d), 0.0)
+
+
 def make_train_step(rcfg: reflow.ReflowConfig, apply_fn: reflow.StudentFn, tx: optax.GradientTransformation,
-                    ema_decay: float, base_key: jax.Array) -> Callable[..., tuple[dict, jax.Array]]:
+                    ema_decay: float, base_key: jax.Array, ema_warmup: bool = False
+                    ) -> Callable[..., tuple[dict, jax.Array]]:
     """``step(state, teacher_params, x (A, b, ...), cond (A, b, ...), null_cond) -> (state, loss)`` over A
-    micro-batches (the teacher is an argument, not a closure, so it is never baked into the executable)."""
+    micro-batches (the teacher is an argument, not a closure, so it is never baked into the executable).
+
+    The EMA decay is `ema_decay`, or with `ema_warmup` the reference's (diffusers' EMAModel) warm-up
+    ``min((1 + s) / (10 + s), ema_decay)`` at the step's 0-based index s."""
 
     def micro(params: Any, teacher: Any, key: jax.Array, x: jax.Array, cond: Any, null: Any
               ) -> tuple[jax.Array, Any]:
@@ -559,7 +579,7 @@ def make_train_step(rcfg: reflow.ReflowConfig, apply_fn: reflow.StudentFn, tx: o
         params = optax.apply_updates(state["params"], updates)
         ema = state["ema"]
         if ema is not None:
-            ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
+            ema = optax.incremental_update(params, ema, 1.0 - ema_decay_at(state["step"], ema_decay, ema_warmup))
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}, loss
 
     return step
@@ -576,7 +596,7 @@ class NonFiniteLossError(ValueError):
 
 # Config keys that do not change the trained weights: a resumed run may change them freely.
 RESUME_FREE_KEYS = frozenset({"output_dir", "train.progress", "train.log_every", "train.checkpoint_every",
-                              "train.keep_checkpoints", "train.sharding"})
+                              "train.keep_checkpoints", "train.sharding", "data.workers"})
 RUN_CONFIG = "run_config.json"  # <output_dir>/checkpoints/run_config.json: the config the checkpoints belong to
 
 
@@ -697,11 +717,17 @@ def _all_finite(tree: Any) -> bool:
 
 def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_params: Any = None,
           callback: Callable[[int, float], None] | None = None,
-          allow_config_change: Sequence[str] = ()) -> dict[str, Any]:
+          allow_config_change: Sequence[str] = (),
+          batch_callback: Callable[[int, np.ndarray], None] | None = None,
+          components: Any = None) -> dict[str, Any]:
     """Run (or resume) PeRFlow training for a validated config dict; returns a summary.
 
     `dataset` defaults to ``cfg["data"]``; `teacher_params` to ``cfg["teacher"]["weights"]``. `callback(step,
-    loss)` runs after each step on the host (raising in it stops the run, e.g. to test resuming).
+    loss)` runs after each step on the host (raising in it stops the run, e.g. to test resuming);
+    `batch_callback(step, ids)` gets each step's sample ids (this process's record ids for ``data.kind``
+    prepared/online, dataset indices otherwise) before the step runs. ``data.kind`` prepared and online stream
+    through Grain (:class:`perflow_jax.training.data.Stream`; `components` may pass the loaded pipeline of
+    ``data.model`` for online), and the iterator's state is saved in every checkpoint beside the train state.
 
     Everything is checked before the output folder is created: the config, the folder, the data, the teacher,
     and, when the folder holds checkpoints, that `cfg` matches the config stored with them
@@ -720,7 +746,9 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
     ucfg = unet_config(cfg)
     dtype = jnp.bfloat16 if cfg["model"]["dtype"] == "bfloat16" else jnp.float32
     apply_fn = make_apply_fn(ucfg, dtype)
-    dataset = dataset if dataset is not None else load_dataset(cfg)
+    streaming = cfg["data"]["kind"] in STREAM_KINDS and dataset is None
+    if not streaming:
+        dataset = dataset if dataset is not None else load_dataset(cfg)
     teacher = teacher_params if teacher_params is not None else load_teacher_params(cfg, ucfg)
     teacher = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), teacher)
 
@@ -730,6 +758,11 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
     if micro % n_dev:
         raise ValueError(f"The micro-batch (train.batch_size / train.grad_accum = {micro}) must be divisible by "
                          f"the {n_dev} devices.")
+    stream = None
+    if streaming:
+        from perflow_jax.training.data import Stream
+
+        stream = Stream(cfg, mesh, components)
     is_main = jax.process_index() == 0
     ckpt_dir = os.path.join(out, "checkpoints")
     try:  # the first write of the run: nothing above created a file
@@ -749,20 +782,29 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
     state = jax.device_put(state, state_sh)
 
     key = jax.random.key(t["seed"])
-    step_fn = make_train_step(rcfg, apply_fn, tx, t["ema_decay"], key)
+    step_fn = make_train_step(rcfg, apply_fn, tx, t["ema_decay"], key, t["ema_warmup"])
     batch_sh = sharding.batch_sharded(mesh, axis=1)  # (A micro-batches, B, ...): split B
-    null = jax.tree_util.tree_map(jnp.asarray, dataset.null_cond)
+    null = jax.tree_util.tree_map(jnp.asarray, stream.null_cond if stream is not None else dataset.null_cond)
     jitted = jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, batch_sh, batch_sh, None),
                      out_shardings=(state_sh, None), donate_argnums=(0,))
 
-    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=t["keep_checkpoints"], create=True, enable_async_checkpointing=False))
+    manager = ocp.CheckpointManager(  # with a stream: items "default" (the train state) and "data" (the iterator)
+        ckpt_dir, item_names=None if stream is None else ("default", "data"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=t["keep_checkpoints"], create=True,
+                                             enable_async_checkpointing=False))
     start = 0
     if resume_step is not None:
         start = resume_step
         abstract = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_sh)
-        state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+        if stream is None:
+            state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+        else:
+            import grain
+
+            restored = manager.restore(start, args=ocp.args.Composite(
+                default=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(stream.iterator)))
+            state = restored["default"]
         print(f"[perflow-jax] resumed from {ckpt_dir} at step {start}", flush=True)
 
     def diverged(step: int, what: str) -> NonFiniteLossError:
@@ -788,8 +830,14 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
     last_loss = float("nan")
     try:
         for s in range(start, t["steps"]):
-            idx = batch_indices(len(dataset), t["seed"], s, t["batch_size"]).reshape(t["grad_accum"], micro)
-            x, cond = sharding.global_tree(dataset.rows(idx), batch_sh)
+            if stream is not None:
+                x, cond, ids = stream.next(s)
+            else:
+                idx = batch_indices(len(dataset), t["seed"], s, t["batch_size"]).reshape(t["grad_accum"], micro)
+                x, cond = sharding.global_tree(dataset.rows(idx), batch_sh)
+                ids = idx.reshape(-1)
+            if batch_callback is not None:
+                batch_callback(s + 1, ids)
             state, loss = jitted(state, teacher, x, cond, null)
             if pending:  # the previous step's loss, read while this step runs (keeps the device busy)
                 check_loss(*pending[-1])
@@ -816,7 +864,13 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
                 check_loss(done, loss)
                 if not _all_finite((state["params"], state["ema"])):
                     raise diverged(done, "the params became non-finite")
-                manager.save(done, args=ocp.args.StandardSave(state))
+                if stream is None:
+                    manager.save(done, args=ocp.args.StandardSave(state))
+                else:
+                    import grain
+
+                    manager.save(done, args=ocp.args.Composite(
+                        default=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(stream.iterator)))
                 manager.wait_until_finished()
     finally:
         bar.close()
@@ -845,6 +899,7 @@ def train_from_config(config_path: str, overrides: list[str], allow_config_chang
     return result
 
 
-__all__ = ["ArrayDataset", "DEFAULTS", "NonFiniteLossError", "RESUME_FREE_KEYS", "RUN_CONFIG", "batch_indices",
-           "check_resume", "init_state", "load_config", "load_dataset", "make_apply_fn", "make_optimizer",
-           "make_train_step", "read_yaml", "reflow_config", "train", "train_from_config", "validate"]
+__all__ = ["ArrayDataset", "DEFAULTS", "NonFiniteLossError", "RESUME_FREE_KEYS", "RUN_CONFIG", "STREAM_KINDS",
+           "batch_indices", "check_resume", "ema_decay_at", "init_state", "load_config", "load_dataset",
+           "make_apply_fn", "make_optimizer", "make_train_step", "read_yaml", "reflow_config", "train",
+           "train_from_config", "validate"]
