@@ -1,16 +1,22 @@
-"""Resolve a model location without network: a local folder, or a repo id already in the HF cache.
+"""Resolve a model location: a local folder, a repo id in the HF cache, or a repo id fetched from the Hub.
 
-perflow-jax never downloads. A Hugging Face repo id (``"org/name"``) resolves to its snapshot in the local
-cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), at ``refs/main`` or the
-given revision.
+A Hugging Face repo id (``"org/name"``) resolves to its snapshot in the local cache (``$HF_HUB_CACHE``, else
+``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), at ``refs/<revision>``. A repo id that is not cached is
+downloaded with ``huggingface_hub.snapshot_download`` from ``$HF_ENDPOINT`` (default huggingface.co), limited
+to what perflow-jax reads (:func:`download_patterns`): JSON configs, tokenizer files and the safetensors of
+the requested variant; PyTorch pickles only with ``allow_pickle``; never ``.ckpt``, ``.msgpack`` or ``.onnx``.
+``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` turn downloads off: then a repo id must already be cached.
+The environment is read at each call, so ``HF_ENDPOINT`` / ``HF_HOME`` set after import still apply.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def hf_cache_dir() -> str:
@@ -21,25 +27,99 @@ def hf_cache_dir() -> str:
     return os.path.join(home, "hub")
 
 
-def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str = "main") -> str:
-    """A local folder for `path_or_repo_id`; raises FileNotFoundError saying how to get it if absent."""
-    path = os.fspath(path_or_repo_id)
-    if os.path.exists(path):
-        return path
-    if not _REPO_ID.match(path):
-        raise FileNotFoundError(f"{path!r} is neither an existing file or folder nor a Hugging Face repo id.")
-    cache = hf_cache_dir()
-    repo_dir = os.path.join(cache, "models--" + path.replace("/", "--"))
+def is_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) turns downloads off, read now."""
+    return any(os.environ.get(name, "").upper() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def is_repo_id(path: str | os.PathLike) -> bool:
+    """``"org/name"`` that is not an existing local path."""
+    path = os.fspath(path)
+    return not os.path.exists(path) and bool(_REPO_ID.match(path))
+
+
+def download_patterns(variant: str | None = None, allow_pickle: bool = False) -> list[str]:
+    """``allow_patterns`` for what perflow-jax reads from a repo: JSON configs (model_index, config,
+    scheduler, tokenizer configs, sharded-weights indexes), ``merges.txt``, ΔW files, and the model weights of
+    `variant` only (``*model[.variant].safetensors`` and their shards); ``*model[.variant].bin`` only with
+    `allow_pickle`. ``*`` also matches ``/``, so each pattern covers every subfolder."""
+    v = f".{variant}" if variant else ""
+    patterns = ["*.json", "*merges.txt", "*delta_weights.safetensors", f"*model{v}.safetensors",
+                f"*model{v}-*-of-*.safetensors", f"*model-*-of-*{v}.safetensors"]
+    if allow_pickle:
+        patterns += [f"*model{v}.bin", f"*model{v}-*-of-*.bin"]
+    return patterns
+
+
+def cached_snapshot(repo_id: str, revision: str = "main") -> str | None:
+    """The cached snapshot folder of `repo_id` at `revision` (a branch, tag or commit), or None."""
+    repo_dir = os.path.join(hf_cache_dir(), "models--" + repo_id.replace("/", "--"))
     ref_file = os.path.join(repo_dir, "refs", revision)
     snapshot = revision
     if os.path.isfile(ref_file):
         with open(ref_file, encoding="utf-8") as f:
             snapshot = f.read().strip()
     snap_dir = os.path.join(repo_dir, "snapshots", snapshot)
-    if os.path.isdir(snap_dir):
-        return snap_dir
-    raise FileNotFoundError(
-        f"{path!r} is not a local folder and is not in the Hugging Face cache at {cache!r} (revision "
-        f"{revision!r}). perflow-jax never downloads: fetch it first on a machine with network, e.g. "
-        f"`huggingface-cli download {path}`, or pass a local diffusers-format folder."
-    )
+    return snap_dir if os.path.isdir(snap_dir) else None
+
+
+def _hub_error(repo_id: str, e: Exception) -> OSError:
+    """One line for a failed Hub call (huggingface_hub's messages span several lines)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return FileNotFoundError(f"Could not fetch {repo_id!r} from {endpoint} ({type(e).__name__}: {first}); check "
+                             "the repo id, revision and network, or pass a local diffusers-format folder.")
+
+
+def repo_files(repo_id: str, revision: str = "main") -> list[str]:
+    """The file paths of `repo_id` at `revision` on the Hub (one listing call; downloads nothing)."""
+    from huggingface_hub import HfApi
+
+    try:
+        return list(HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).list_repo_files(repo_id, revision=revision))
+    except Exception as e:  # huggingface_hub/httpx raise many types; all mean "could not list"
+        raise _hub_error(repo_id, e) from e
+
+
+def _offline_error(repo_id: str, revision: str, local_files_only: bool) -> FileNotFoundError:
+    why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
+    return FileNotFoundError(
+        f"{repo_id!r} is not a local folder and is not in the Hugging Face cache at {hf_cache_dir()!r} (revision "
+        f"{revision!r}), and downloads are off ({why}): fetch it first on a machine with network (e.g. "
+        f"`hf download {repo_id}`), allow downloads, or pass a local diffusers-format folder.")
+
+
+def downloads_allowed(local_files_only: bool = False) -> bool:
+    """False when `local_files_only` or ``HF_HUB_OFFLINE`` turns downloads off."""
+    return not (local_files_only or is_offline())
+
+
+def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str = "main", *, variant: str | None = None,
+                       allow_pickle: bool = False, local_files_only: bool = False,
+                       allow_patterns: Sequence[str] | None = None) -> str:
+    """A local path for `path_or_repo_id`: itself if it exists, else the cached snapshot of the repo id, else
+    the snapshot downloaded now (only :func:`download_patterns` of `variant`, or the given `allow_patterns`).
+
+    Raises:
+      FileNotFoundError: neither a path nor a repo id; or a repo id that is not cached while downloads are off
+        (``HF_HUB_OFFLINE=1`` / `local_files_only`), or that the Hub cannot serve (unknown repo or revision,
+        no network); the message names the repo, the cache folder and what to do.
+    """
+    path = os.fspath(path_or_repo_id)
+    if os.path.exists(path):
+        return path
+    if not _REPO_ID.match(path):
+        raise FileNotFoundError(f"{path!r} is neither an existing file or folder nor a Hugging Face repo id.")
+    cached = cached_snapshot(path, revision)
+    if cached is not None:
+        return cached
+    if not downloads_allowed(local_files_only):
+        raise _offline_error(path, revision, local_files_only)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, revision=revision, cache_dir=hf_cache_dir(),
+                                 endpoint=os.environ.get("HF_ENDPOINT") or None,
+                                 allow_patterns=list(allow_patterns or download_patterns(variant, allow_pickle)))
+    except Exception as e:  # huggingface_hub/httpx raise many types; all mean "could not download"
+        raise _hub_error(path, e) from e

@@ -2,7 +2,8 @@
 
 The folder is what ``DiffusionPipeline.save_pretrained`` writes: ``model_index.json`` with ``unet/``,
 ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and, for SDXL, ``text_encoder_2/`` and
-``tokenizer_2/``. A Hugging Face repo id resolves to its snapshot in the local cache; nothing is downloaded.
+``tokenizer_2/``. A Hugging Face repo id resolves to its snapshot in the local cache, or is downloaded
+(:mod:`perflow_jax.hub`).
 Tokenizers are transformers' ``CLIPTokenizer`` read from the local ``vocab.json`` / ``merges.txt``.
 """
 
@@ -162,17 +163,21 @@ def _load_model(kind: str, folder: str, *, dtype: Any, variant: str | None, allo
 
 
 def load_pipeline_components(path_or_repo_id: str | os.PathLike, dtype: Any = None, variant: str | None = None,
-                             allow_pickle: bool = False, revision: str = "main") -> PipelineComponents:
-    """Load configs, params and tokenizers of a diffusers SD/SDXL folder or a cached hub repo id.
+                             allow_pickle: bool = False, revision: str = "main",
+                             local_files_only: bool = False) -> PipelineComponents:
+    """Load configs, params and tokenizers of a diffusers SD/SDXL folder or a Hugging Face repo id.
 
     Args:
-      path_or_repo_id: local folder, or ``"org/name"`` present in the local Hugging Face cache.
+      path_or_repo_id: local folder, or ``"org/name"``: from the local Hugging Face cache, else downloaded
+        (only the files read here; see :func:`perflow_jax.hub.resolve_model_path`).
       dtype: cast all params to this dtype (default: keep each file's dtype).
       variant: weights variant, e.g. ``"fp16"`` for ``diffusion_pytorch_model.fp16.safetensors``.
       allow_pickle: allow ``.bin`` pickles (needs torch; only for files you trust).
       revision: hub revision for repo ids.
+      local_files_only: never download (as ``HF_HUB_OFFLINE=1``): a repo id must be cached.
     """
-    root = resolve_model_path(path_or_repo_id, revision)
+    root = resolve_model_path(path_or_repo_id, revision, variant=variant, allow_pickle=allow_pickle,
+                              local_files_only=local_files_only)
     index = read_model_index(root)
     family = "sdxl" if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")) else "sd"
 
@@ -235,7 +240,7 @@ def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: An
     Returns ``{"components": [...], "seconds": ...}``.
     """
     t0 = time.perf_counter()
-    root = resolve_model_path(src)
+    root = resolve_model_path(src, variant=variant, allow_pickle=allow_pickle)
     dst = os.path.abspath(os.fspath(dst))
     check_destination(dst, (src, root), overwrite=overwrite)  # before any work; atomic_dir checks again
     is_pipeline = os.path.isfile(os.path.join(root, "model_index.json"))
