@@ -209,6 +209,9 @@ def merger(path: str | os.PathLike, scale: float = 1.0, **options: Any) -> Calla
     (``variant``, ``is_merged``, ``base``, ``local_files_only``)."""
 
     scale = check_float("the ΔW scale", scale)
+    # Find the file now, so a missing ΔW or an ambiguous variant is reported before any conversion work.
+    path = resolve_delta_file(path, options.get("variant"), merged=options.get("is_merged", False),
+                              local_files_only=options.get("local_files_only", False))
 
     def apply(unet_params: Mapping) -> dict:
         return merge(unet_params, read_delta(path, unet_params, **options), scale)
