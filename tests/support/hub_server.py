@@ -8,7 +8,8 @@ It serves repos made of local folders (``{"org/name": folder}``) at one fixed co
 * ``HEAD``/``GET /{repo}/resolve/{rev}/{file}``: the file, with ``ETag``, ``X-Repo-Commit`` and
   ``Content-Length``.
 
-Unknown repos answer 404 with ``X-Error-Code: RepoNotFound``, unknown files ``EntryNotFound``, as the Hub does.
+Unknown repos answer 404 with ``X-Error-Code: RepoNotFound``, unknown files ``EntryNotFound``, as the Hub does;
+files put in :attr:`HubServer.unserved` are listed but answer ``EntryNotFound`` (a repo that lost a file).
 Every request path is recorded in :attr:`HubServer.requests` so tests can see what was fetched.
 """
 
@@ -45,6 +46,7 @@ class HubServer:
     def __init__(self, repos: dict[str, str]):
         self.repos = {repo: _files(folder) for repo, folder in repos.items()}
         self.requests: list[tuple[str, str]] = []
+        self.unserved: set[str] = set()  # "org/name:path": listed, but its download answers 404
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -94,7 +96,7 @@ class HubServer:
                     files = server.repos.get(repo)
                     if files is None:
                         return self._error(404, "RepoNotFound", body)
-                    if file not in files:
+                    if file not in files or f"{repo}:{file}" in server.unserved:
                         return self._error(404, "EntryNotFound", body)
                     with open(files[file], "rb") as f:
                         data = f.read()
