@@ -3,15 +3,18 @@
 A Hugging Face repo id (``"org/name"``) resolves to its snapshot in the local cache (``$HF_HUB_CACHE``, else
 ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), at ``refs/<revision>``. A repo id that is not cached is
 downloaded with ``huggingface_hub.snapshot_download`` from ``$HF_ENDPOINT`` (default huggingface.co), limited
-to what perflow-jax reads (:func:`download_patterns`): JSON configs, tokenizer files and the safetensors of
-the requested variant; PyTorch pickles only with ``allow_pickle``; never ``.ckpt``, ``.msgpack`` or ``.onnx``.
+to what perflow-jax reads (:func:`download_patterns`, :func:`select_files`): JSON configs, tokenizer files and
+the safetensors of the requested variant (per folder, the plain ones where a folder lacks the variant);
+PyTorch pickles only with ``allow_pickle``; never ``.ckpt``, ``.msgpack`` or ``.onnx``.
 ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` turn downloads off: then a repo id must already be cached.
 The environment is read at each call, so ``HF_ENDPOINT`` / ``HF_HOME`` set after import still apply.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import posixpath
 import re
 from collections.abc import Sequence
 
@@ -42,17 +45,37 @@ def is_repo_id(path: str | os.PathLike) -> bool:
     return not os.path.exists(path) and bool(_REPO_ID.match(path))
 
 
+_OTHER_PATTERNS = ("*.json", "*merges.txt", "*delta_weights.safetensors")
+
+
+def _weight_patterns(variant: str | None, allow_pickle: bool) -> list[str]:
+    v = f".{variant}" if variant else ""
+    patterns = [f"*model{v}.safetensors", f"*model{v}-*-of-*.safetensors", f"*model-*-of-*{v}.safetensors"]
+    return patterns + ([f"*model{v}.bin", f"*model{v}-*-of-*.bin"] if allow_pickle else [])
+
+
 def download_patterns(variant: str | None = None, allow_pickle: bool = False) -> list[str]:
     """``allow_patterns`` for what perflow-jax reads from a repo: JSON configs (model_index, config,
     scheduler, tokenizer configs, sharded-weights indexes), ``merges.txt``, ΔW files, and the model weights of
     `variant` only (``*model[.variant].safetensors`` and their shards); ``*model[.variant].bin`` only with
     `allow_pickle`. ``*`` also matches ``/``, so each pattern covers every subfolder."""
-    v = f".{variant}" if variant else ""
-    patterns = ["*.json", "*merges.txt", "*delta_weights.safetensors", f"*model{v}.safetensors",
-                f"*model{v}-*-of-*.safetensors", f"*model-*-of-*{v}.safetensors"]
-    if allow_pickle:
-        patterns += [f"*model{v}.bin", f"*model{v}-*-of-*.bin"]
-    return patterns
+    return list(_OTHER_PATTERNS) + _weight_patterns(variant, allow_pickle)
+
+
+def select_files(files: Sequence[str], variant: str | None, allow_pickle: bool = False) -> list[str]:
+    """The files of a repo listing that perflow-jax reads: configs and tokenizer files, and in each folder the
+    weights of `variant` where the folder has them, else its plain weights (diffusers' rule for a pipeline
+    whose components do not all come in the variant)."""
+    chosen = [f for f in files if any(fnmatch.fnmatch(f, p) for p in _OTHER_PATTERNS)]
+    folders: dict[str, list[str]] = {}
+    for f in files:
+        folders.setdefault(posixpath.dirname(f), []).append(f)
+    for names in folders.values():
+        def matching(v: str | None, names: list[str] = names) -> list[str]:
+            return [f for f in names if any(fnmatch.fnmatch(posixpath.basename(f), p)
+                                            for p in _weight_patterns(v, allow_pickle))]
+        chosen += (matching(variant) if variant else []) or matching(None)
+    return sorted(set(chosen))
 
 
 def cached_snapshot(repo_id: str, revision: str = "main") -> str | None:
@@ -121,6 +144,12 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str = "main
         raise _offline_error(path, revision, local_files_only)
     from huggingface_hub import snapshot_download
 
+    if allow_patterns is None and variant is not None:  # per folder: the variant, else the plain weights
+        files = repo_files(path, revision)
+        allow_patterns = select_files(files, variant, allow_pickle)
+        if not any(f in allow_patterns for f in files if f".{variant}" in posixpath.basename(f)):
+            raise FileNotFoundError(f"Hub repo {path!r} has no weights of variant {variant!r}; its files: "
+                                    f"{sorted(files)[:30]}. Check the variant name, or leave it out.")
     try:
         return snapshot_download(path, revision=revision, cache_dir=hf_cache_dir(),
                                  endpoint=os.environ.get("HF_ENDPOINT") or None,

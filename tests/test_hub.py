@@ -123,10 +123,18 @@ def test_missing_files_are_named(online) -> None:
     _, params = load_unet(root / "pipe" / "unet")
     with pytest.raises(FileNotFoundError, match=r"no diffusion_pytorch_model\.v9\.safetensors.*\['v0-0', 'v0-1'\]"):
         delta_lib.load_delta(DELTA_REPO, params, variant="v9")
-    # The fp16 variant exists for the UNet only: the download has it, and the VAE's missing file is named.
-    with pytest.raises(FileNotFoundError, match=r"diffusion_pytorch_model\.fp16\.safetensors.*vae"):
-        load_pipeline_components(PIPE_REPO, variant="fp16")
-    assert "unet/diffusion_pytorch_model.fp16.safetensors" in _fetched(server, PIPE_REPO)
+    # No folder has a bf16 variant: refused from the listing, before any download.
+    with pytest.raises(FileNotFoundError, match=r"no weights of variant 'bf16'"):
+        load_pipeline_components(PIPE_REPO, variant="bf16")
+    assert _fetched(server, PIPE_REPO) == set()
+    # fp16 exists for the UNet only (as v0-fix in the SDXL releases): the other folders' plain weights are
+    # fetched and read instead, as diffusers does, with a warning naming them.
+    with pytest.warns(UserWarning, match="vae, text_encoder have no 'fp16' weights"):
+        comps = load_pipeline_components(PIPE_REPO, variant="fp16")
+    got = _fetched(server, PIPE_REPO)
+    assert {"unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors"} <= got
+    assert "unet/diffusion_pytorch_model.safetensors" not in got
+    assert _same(comps.unet_params, load_unet(root / "served" / "unet", variant="fp16")[1])
     with pytest.raises(FileNotFoundError, match=r"Could not fetch 'hansyan/no-such-model' from http://127\.0\.0\.1"):
         load_pipeline_components("hansyan/no-such-model")
     # A file the listing names but the server cannot serve.

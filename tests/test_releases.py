@@ -157,6 +157,8 @@ def test_released_pipeline_with_deis_config_uses_family_defaults(merged_componen
         "trained_betas": None, "prediction_type": "diff_eps", "num_time_windows": 4}
     sched = make_scheduler(comps)
     assert sched.name == "perflow" and sched.config.prediction_type == "diff_eps"
+    with pytest.raises(FileNotFoundError, match=r"No model folder of .* has weights of variant 'v0-fix' \(unet, vae"):
+        load_pipeline_components(comps.path, variant="v0-fix")
     assert sched.config == schedulers.get("perflow", beta_start=0.00085, beta_end=0.012,
                                           beta_schedule="scaled_linear", prediction_type="diff_eps").config
 
