@@ -163,15 +163,21 @@ def load_merged_delta(path: str | os.PathLike, base_params: Mapping, variant: st
     return extract(_read_unet_tensors(file, base_params, None, "merged PeRFlow UNet"), base_params)
 
 
+def check_delta_options(is_merged: bool, base: str | os.PathLike | None) -> None:
+    """A ΔW base only goes with merged weights (before any loading, so the mistake costs nothing)."""
+    if base is not None and not is_merged:
+        raise ValueError("A ΔW base (--delta-base, delta_base=) is only used with --delta-is-merged "
+                         "(delta_is_merged=True).")
+
+
 def read_delta(path: str | os.PathLike, unet_params: Mapping, *, variant: str | None = None,
                is_merged: bool = False, base: str | os.PathLike | None = None,
                local_files_only: bool = False) -> dict:
     """ΔW for `unet_params` from `path`: a ΔW (:func:`load_delta`), or with `is_merged` merged PeRFlow weights
     minus the UNet of `base` (a pipeline or UNet folder or repo id; default: `unet_params` themselves, i.e. the
     merged weights were made from this very model) (:func:`load_merged_delta`)."""
+    check_delta_options(is_merged, base)
     if not is_merged:
-        if base is not None:
-            raise ValueError("A ΔW base (--delta-base) is only used with --delta-is-merged (delta_is_merged=True).")
         return load_delta(path, unet_params, variant, local_files_only=local_files_only)
     base_params = unet_params
     if base is not None:
@@ -209,6 +215,7 @@ def merger(path: str | os.PathLike, scale: float = 1.0, **options: Any) -> Calla
     (``variant``, ``is_merged``, ``base``, ``local_files_only``)."""
 
     scale = check_float("the ΔW scale", scale)
+    check_delta_options(options.get("is_merged", False), options.get("base"))
     # Find the file now, so a missing ΔW or an ambiguous variant is reported before any conversion work.
     path = resolve_delta_file(path, options.get("variant"), merged=options.get("is_merged", False),
                               local_files_only=options.get("local_files_only", False))

@@ -281,9 +281,9 @@ def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: An
     if unet_transform is not None and not ("unet" in models or (not is_pipeline and _component_kind(root) == "unet")):
         raise ValueError(f"{root!r} has no UNet to merge the ΔW into; pass a pipeline or UNet folder.")
 
+    variants = (component_variants(root, [os.path.join(root, n) for n in models], variant) if is_pipeline
+                else [variant])
     with atomic_dir(dst, overwrite=overwrite, sources=(src, root)) as tmp:
-        variants = (component_variants(root, [os.path.join(root, n) for n in models], variant) if is_pipeline
-                    else [variant])
         for name, name_variant in tqdm(list(zip(models, variants, strict=True)), desc="converting",
                                        disable=not progress):
             folder = os.path.join(root, name) if name else root

@@ -568,6 +568,10 @@ def load_components(path_or_repo_id: str, *, base: str | None = None, delta: str
     before anything is loaded.
     """
     loras = [(f, values.check_float(f"The scale of LoRA {f!r}", scale)) for f, scale in loras]
+    if delta is None and (delta_variant is not None or delta_is_merged or delta_base is not None):
+        raise ValueError("delta_variant, delta_is_merged and delta_base (--delta-variant, --delta-is-merged, "
+                         "--delta-base) describe a ΔW: pass delta= (--delta) too, or leave them out.")
+    delta_lib.check_delta_options(delta_is_merged, delta_base)
     if os.path.isfile(path_or_repo_id):
         components = load_single_file(path_or_repo_id, base=base)
     else:
@@ -576,9 +580,6 @@ def load_components(path_or_repo_id: str, *, base: str | None = None, delta: str
                              "tokenizers and scheduler.")
         components = load_pipeline_components(path_or_repo_id, variant=variant, allow_pickle=allow_pickle,
                                               local_files_only=local_files_only)
-    if delta is None and (delta_variant is not None or delta_is_merged or delta_base is not None):
-        raise ValueError("delta_variant, delta_is_merged and delta_base (--delta-variant, --delta-is-merged, "
-                         "--delta-base) describe a ΔW: pass delta= (--delta) too, or leave them out.")
     if delta is not None:
         loaded = delta_lib.read_delta(delta, components.unet_params, variant=delta_variant,
                                       is_merged=delta_is_merged, base=delta_base, local_files_only=local_files_only)
