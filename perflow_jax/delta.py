@@ -45,12 +45,23 @@ def _pick_variant(names: list[str], where: str, variant: str | None) -> str | No
     return variants[0] if variants else None
 
 
+def _holds(folder: str, variant: str | None, merged: bool) -> bool:
+    """`folder` (a cached snapshot) already holds the ΔW file that would be read (else it is completed)."""
+    try:
+        resolve_delta_file(folder, variant, merged=merged)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _hub_delta_folder(repo_id: str, variant: str | None, merged: bool, revision: str,
                       local_files_only: bool) -> str:
-    """The local folder of a ΔW repo id: its cached snapshot, or one downloaded now holding only the files that
-    will be read (``delta_weights.safetensors``, or one variant of the UNet-format weights at the root or
-    under ``unet/``), chosen from the repo's file listing by the same rules as a local folder."""
-    if hub.cached_snapshot(repo_id, revision) is not None or not hub.downloads_allowed(local_files_only):
+    """The local folder of a ΔW repo id: its cached snapshot if that holds the file to read, else one downloaded
+    now (into the same cache) holding only the files that will be read (``delta_weights.safetensors``, or one
+    variant of the UNet-format weights at the root or under ``unet/``), chosen from the repo's file listing by
+    the same rules as a local folder."""
+    cached = hub.cached_snapshot(repo_id, revision)
+    if not hub.downloads_allowed(local_files_only) or (cached is not None and _holds(cached, variant, merged)):
         return hub.resolve_model_path(repo_id, revision, local_files_only=local_files_only)
     files = hub.repo_files(repo_id, revision)
     if not merged and DELTA_FILE in files:

@@ -90,6 +90,11 @@ def cached_snapshot(repo_id: str, revision: str = "main") -> str | None:
     return snap_dir if os.path.isdir(snap_dir) else None
 
 
+def _has_variant(folder: str, variant: str) -> bool:
+    """Some file under `folder` is named ``*.{variant}.*`` (a cached snapshot already has that variant)."""
+    return any(f".{variant}." in name for _, _, names in os.walk(folder) for name in names)
+
+
 def _hub_error(repo_id: str, e: Exception) -> OSError:
     """One line for a failed Hub call (huggingface_hub's messages span several lines)."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -124,8 +129,9 @@ def downloads_allowed(local_files_only: bool = False) -> bool:
 def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str = "main", *, variant: str | None = None,
                        allow_pickle: bool = False, local_files_only: bool = False,
                        allow_patterns: Sequence[str] | None = None) -> str:
-    """A local path for `path_or_repo_id`: itself if it exists, else the cached snapshot of the repo id, else
-    the snapshot downloaded now (only :func:`download_patterns` of `variant`, or the given `allow_patterns`).
+    """A local path for `path_or_repo_id`: itself if it exists, else the cached snapshot of the repo id (one
+    without any file of `variant` is completed from the Hub when downloads are allowed), else the snapshot
+    downloaded now (only :func:`select_files` / :func:`download_patterns` of `variant`, or `allow_patterns`).
 
     Raises:
       FileNotFoundError: neither a path nor a repo id; or a repo id that is not cached while downloads are off
@@ -138,7 +144,9 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str = "main
     if not _REPO_ID.match(path):
         raise FileNotFoundError(f"{path!r} is neither an existing file or folder nor a Hugging Face repo id.")
     cached = cached_snapshot(path, revision)
-    if cached is not None:
+    # A cached snapshot is used as is, unless it lacks the asked variant, or the caller names files to fetch.
+    complete = allow_patterns is None and (variant is None or _has_variant(cached, variant)) if cached else False
+    if cached is not None and (complete or not downloads_allowed(local_files_only)):
         return cached
     if not downloads_allowed(local_files_only):
         raise _offline_error(path, revision, local_files_only)

@@ -94,6 +94,10 @@ def test_download_pipeline_and_delta(online) -> None:
     server.requests.clear()
     assert _same(delta_lib.load_delta(DELTA_REPO, params), dw)  # the cached folder holds the single variant
     assert server.requests == []
+    # Another variant completes the cached snapshot with that one file.
+    dw0 = delta_lib.load_delta(DELTA_REPO, params, variant="v0-0")
+    assert _fetched(server, DELTA_REPO) == {"diffusion_pytorch_model.v0-0.safetensors"}
+    assert _same(dw0, delta_lib.load_delta(root / "delta", params, variant="v0-0"))
 
 
 def test_offline_uses_cache_and_names_what_is_missing(online, monkeypatch) -> None:
