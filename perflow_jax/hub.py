@@ -16,7 +16,7 @@ import fnmatch
 import os
 import posixpath
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -90,9 +90,18 @@ def cached_snapshot(repo_id: str, revision: str = "main") -> str | None:
     return snap_dir if os.path.isdir(snap_dir) else None
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack", ".json")
+
+
+def names_have_variant(names: Iterable[str], variant: str) -> bool:
+    """Some name is a weights file of `variant`: ``*.{variant}.safetensors`` (or ``.bin``, ``.msgpack``, a
+    sharded index ``*.{variant}.json``) or a shard ``*.{variant}-00001-of-00002.safetensors``."""
+    return any((f".{variant}." in n or f".{variant}-" in n) and n.endswith(_WEIGHT_SUFFIXES) for n in names)
+
+
 def _has_variant(folder: str, variant: str) -> bool:
-    """Some file under `folder` is named ``*.{variant}.*`` (a cached snapshot already has that variant)."""
-    return any(f".{variant}." in name for _, _, names in os.walk(folder) for name in names)
+    """A cached snapshot already holds some weights of `variant`."""
+    return names_have_variant((n for _, _, names in os.walk(folder) for n in names), variant)
 
 
 def _hub_error(repo_id: str, e: Exception) -> OSError:
@@ -155,7 +164,7 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str = "main
     if allow_patterns is None and variant is not None:  # per folder: the variant, else the plain weights
         files = repo_files(path, revision)
         allow_patterns = select_files(files, variant, allow_pickle)
-        if not any(f in allow_patterns for f in files if f".{variant}" in posixpath.basename(f)):
+        if not names_have_variant(map(posixpath.basename, allow_patterns), variant):
             raise FileNotFoundError(f"Hub repo {path!r} has no weights of variant {variant!r}; its files: "
                                     f"{sorted(files)[:30]}. Check the variant name, or leave it out.")
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from perflow_jax.hub import resolve_model_path
+from perflow_jax.hub import names_have_variant, resolve_model_path
 from perflow_jax.io import atomic_dir, check_destination, copy_file, copy_tree
 from perflow_jax.models.clip import CLIPTextConfig, load_clip_text_model
 from perflow_jax.models.config_io import CONFIG_NAME, read_config_json, read_json
@@ -28,7 +28,6 @@ from perflow_jax.models.vae import VAEConfig, load_vae
 from perflow_jax.models.weights_io import FLAX_WEIGHTS, save_flax_checkpoint
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack", ".json")
 
 
 @dataclasses.dataclass
@@ -164,18 +163,12 @@ def _load_model(kind: str, folder: str, *, dtype: Any, variant: str | None, allo
     return _MODEL_LOADERS[kind](folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle, **options)
 
 
-def _has_variant(folder: str, variant: str) -> bool:
-    """`folder` holds weights of `variant` (``*.{variant}.safetensors``/``.bin``/``.msgpack``, shards, index)."""
-    return any((f".{variant}." in name or f".{variant}-" in name) and name.endswith(_WEIGHT_SUFFIXES)
-               for name in os.listdir(folder))
-
-
 def component_variants(root: str, folders: list[str], variant: str | None) -> list[str | None]:
     """The variant to read in each model folder, by diffusers' rule: `variant` where the folder has it, else the
     plain weights (with a warning naming those folders); refused when no folder has `variant` at all."""
     if variant is None:
         return [None] * len(folders)
-    has = [_has_variant(f, variant) for f in folders]
+    has = [names_have_variant(os.listdir(f), variant) for f in folders]
     if not any(has):
         raise FileNotFoundError(f"No model folder of {root!r} has weights of variant {variant!r} "
                                 f"({', '.join(os.path.basename(f) for f in folders)}); check the variant name, or "
