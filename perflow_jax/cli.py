@@ -106,7 +106,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "and touches no other file")
 
     c = sub.add_parser("convert", help="convert a PyTorch diffusers folder to Flax checkpoints")
-    c.add_argument("src", help="pipeline folder (model_index.json), one model folder, a cached repo id, or a "
+    c.add_argument("src", help="pipeline folder (model_index.json), one model folder, a Hugging Face repo id, or a "
                               "single-file .safetensors checkpoint")
     c.add_argument("dst", help="destination folder (created; written atomically)")
     c.add_argument("--to", choices=("flax", "diffusers"), default="flax",
