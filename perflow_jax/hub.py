@@ -1,8 +1,9 @@
 """Resolve a model location: a local folder, a repo id in the HF cache, or a repo id fetched from the Hub.
 
 A Hugging Face repo id (``"org/name"``) resolves to its snapshot in the local cache (``$HF_HUB_CACHE``, else
-``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), at ``refs/<revision>``. A repo id that is not cached is
-downloaded with ``huggingface_hub.snapshot_download`` from ``$HF_ENDPOINT`` (default huggingface.co), limited
+``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub`` or ``~/.cache/huggingface/hub``, as huggingface_hub)
+at ``refs/<revision>``. A repo id that is not cached is downloaded with ``huggingface_hub.snapshot_download``
+from ``$HF_ENDPOINT`` (default huggingface.co), limited
 to what perflow-jax reads (:func:`download_patterns`, :func:`select_files`): JSON configs, tokenizer files and
 the safetensors of the requested variant (per folder, the plain ones where a folder lacks the variant);
 PyTorch pickles only with ``allow_pickle``; never ``.ckpt``, ``.msgpack`` or ``.onnx``.
@@ -26,7 +27,8 @@ def hf_cache_dir() -> str:
     """The Hugging Face hub cache folder this process would use."""
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = os.environ.get("HF_HOME") or os.path.join(cache, "huggingface")
     return os.path.join(home, "hub")
 
 
