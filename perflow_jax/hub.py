@@ -3,10 +3,10 @@
 A Hugging Face repo id (``"org/name"``) resolves to its snapshot in the local cache (``$HF_HUB_CACHE``, else
 ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub`` or ``~/.cache/huggingface/hub``, as huggingface_hub)
 at ``refs/<revision>``. A repo id that is not cached is downloaded with ``huggingface_hub.snapshot_download``
-from ``$HF_ENDPOINT`` (default huggingface.co), limited
-to what perflow-jax reads (:func:`download_patterns`, :func:`select_files`): JSON configs, tokenizer files and
-the safetensors of the requested variant (per folder, the plain ones where a folder lacks the variant);
-PyTorch pickles only with ``allow_pickle``; never ``.ckpt``, ``.msgpack`` or ``.onnx``.
+from ``$HF_ENDPOINT`` (default huggingface.co), limited to what perflow-jax reads (:func:`download_patterns`,
+:func:`select_files`): JSON configs, tokenizer files and the safetensors of the requested variant (per folder,
+the plain ones where a folder lacks the variant); PyTorch pickles only with ``allow_pickle``; never ``.ckpt``,
+``.msgpack`` or ``.onnx``.
 ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` turn downloads off: then a repo id must already be cached.
 The environment is read at each call, so ``HF_ENDPOINT`` / ``HF_HOME`` set after import still apply.
 """
