@@ -52,6 +52,22 @@ def _lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _add_delta_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--delta-variant", default=None,
+                   help="weights variant of a UNet-format --delta folder, e.g. v0-1 (default: its plain file, else "
+                        "its single variant file)")
+    p.add_argument("--delta-is-merged", action="store_true",
+                   help="--delta holds merged PeRFlow UNet weights (a released pipeline or its unet/): ΔW = merged "
+                        "- the UNet of --delta-base")
+    p.add_argument("--delta-base", default=None,
+                   help="with --delta-is-merged: the pipeline or UNet the merged weights were made from (default: "
+                        "the model's own UNet)")
+
+
+def _delta_options(args: argparse.Namespace) -> dict:
+    return dict(delta_variant=args.delta_variant, delta_is_merged=args.delta_is_merged, delta_base=args.delta_base)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perflow-jax", description="PeRFlow for Stable Diffusion in JAX/Flax.")
     p.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
@@ -59,10 +75,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images")
     s.add_argument("--model", required=True,
-                   help="'digits' (built-in PeRFlow model) or 'digits-teacher', a diffusers-format folder, a repo "
-                        "id in the local HF cache, or a single-file .safetensors")
+                   help="'digits' (built-in PeRFlow model) or 'digits-teacher', a diffusers-format folder, a "
+                        "Hugging Face repo id (downloaded unless cached or HF_HUB_OFFLINE=1), or a single-file "
+                        ".safetensors")
     s.add_argument("--base", default=None, help="for a single-file --model: a diffusers folder of the same family")
-    s.add_argument("--delta", help="PeRFlow ΔW: delta_weights.safetensors, its folder, or a UNet-format ΔW folder")
+    s.add_argument("--delta", help="PeRFlow ΔW: delta_weights.safetensors, its folder, a UNet-format ΔW folder, or "
+                                   "a repo id (e.g. hansyan/perflow-sd15-delta-weights)")
+    _add_delta_options(s)
     s.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA (diffusers/PEFT or kohya layout) after ΔW; repeatable")
     s.add_argument("--prompt", required=True, nargs="+", help="one or more prompts (digits 0-9 for 'digits')")
@@ -96,7 +115,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "and touches no other file")
 
     c = sub.add_parser("convert", help="convert a PyTorch diffusers folder to Flax checkpoints")
-    c.add_argument("src", help="pipeline folder (model_index.json), one model folder, a cached repo id, or a "
+    c.add_argument("src", help="pipeline folder (model_index.json), one model folder, a Hugging Face repo id, or a "
                               "single-file .safetensors checkpoint")
     c.add_argument("dst", help="destination folder (created; written atomically)")
     c.add_argument("--to", choices=("flax", "diffusers"), default="flax",
@@ -104,6 +123,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base", default=None, help="for a single-file src: a diffusers folder of the same family")
     c.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast params (default: keep)")
     c.add_argument("--delta", default=None, help="merge this PeRFlow ΔW into the UNet")
+    _add_delta_options(c)
     c.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA after ΔW; repeatable")
     c.add_argument("--variant", default=None, help="read this weights variant, e.g. fp16")
@@ -146,9 +166,10 @@ def _cmd_sample_digits(args: argparse.Namespace) -> None:
     from perflow_jax.images import GRID, GRID_MAX_IMAGES, OutputFolder
     from perflow_jax.pipelines.digits import DEFAULT_MAX_BATCH, DigitsPipeline, save_grid
 
-    if args.delta or args.lora or args.base or args.init_image or args.upscale or args.upscaler:
-        raise CLIError("--delta, --lora, --base, --init-image, --upscale and --upscaler apply to Stable Diffusion "
-                       "models, not 'digits'.")
+    if (args.delta or args.lora or args.base or args.init_image or args.upscale or args.upscaler
+            or any(_delta_options(args).values())):
+        raise CLIError("--delta (and its options), --lora, --base, --init-image, --upscale and --upscaler apply to "
+                       "Stable Diffusion models, not 'digits'.")
     unused = [flag for flag, value in (("--negative-prompt", args.negative_prompt), ("--height", args.height),
                                        ("--width", args.width), ("--dtype", args.dtype), ("--variant", args.variant),
                                        ("--strength", args.strength), ("--decode-chunk-size", args.decode_chunk_size))
@@ -268,7 +289,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         raise CLIError("--strength applies to img2img only; pass --init-image too, or leave --strength out.")
     t0 = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(
-        args.model, base=args.base, delta=args.delta, loras=args.lora, scheduler=args.scheduler or "perflow",
+        args.model, base=args.base, delta=args.delta, **_delta_options(args), loras=args.lora,
+        scheduler=args.scheduler or "perflow",
         dtype=getattr(jnp, DTYPES[args.dtype or "fp32"]), variant=args.variant,
         decode_chunk_size=args.decode_chunk_size)
     print(f"loaded {args.model} ({pipe.family}, scheduler {pipe.scheduler.name}) in {time.perf_counter() - t0:.1f}s")
@@ -322,12 +344,15 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 
     # Before any work: dst may not be, contain or lie inside the source, nor be or contain another input, and
     # --overwrite replaces only an empty folder or one perflow-jax wrote.
-    inputs = [args.base, args.delta, *(f for f, _ in args.lora)]
+    inputs = [args.base, args.delta, args.delta_base, *(f for f, _ in args.lora)]
     check_destination(args.dst, [args.src], inputs=inputs, overwrite=args.overwrite, flag="--overwrite")
 
     dtype = getattr(jnp, DTYPES[args.dtype]) if args.dtype else None
     if args.to == "flax" and not args.lora and not os.path.isfile(args.src):
-        merge = delta.merger(args.delta) if args.delta else None
+        if args.delta is None and any(_delta_options(args).values()):
+            raise CLIError("--delta-variant, --delta-is-merged and --delta-base describe a ΔW: pass --delta too.")
+        merge = delta.merger(args.delta, variant=args.delta_variant, is_merged=args.delta_is_merged,
+                             base=args.delta_base) if args.delta else None
         info = convert_to_flax(args.src, args.dst, dtype=dtype, unet_transform=merge, variant=args.variant,
                                overwrite=args.overwrite)
         print(f"converted {', '.join(info['components'])} to {args.dst} in {info['seconds']:.1f}s")
@@ -336,7 +361,8 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     from perflow_jax.pipelines import load_components
 
     t0 = time.perf_counter()
-    comps = load_components(args.src, base=args.base, delta=args.delta, loras=args.lora, variant=args.variant)
+    comps = load_components(args.src, base=args.base, delta=args.delta, **_delta_options(args), loras=args.lora,
+                            variant=args.variant)
     save_pipeline(comps, args.dst, to=args.to, dtype=dtype, overwrite=args.overwrite)
     print(f"wrote a {args.to} pipeline folder ({comps.family}) to {args.dst} in {time.perf_counter() - t0:.1f}s")
 

@@ -765,7 +765,29 @@ def test_files_bench_without_pytorch(monkeypatch: pytest.MonkeyPatch, capsys: py
     assert "needs torch and diffusers, not installed here" in err and "--model DIR with --no-torch" in err
 
 
-ROWS = FILE_ROWS + NUMBER_ROWS + TRAINING_ROWS
+# Release layouts and repo ids: refused before any work, naming what to pass.
+_TWO_VARIANTS = _files({"d/config.json": "{}", "d/diffusion_pytorch_model.v0-0.safetensors": "x",
+                        "d/diffusion_pytorch_model.v0-1.safetensors": "x"})
+
+RELEASE_ROWS: list[Row] = [
+    Row("delta-several-variants", r"holds the ΔW variants \['v0-0', 'v0-1'\] .*--delta-variant",
+        argv=("convert", "{tiny}", "{out}", "--delta", "{w}/d"), setup=_TWO_VARIANTS),
+    Row("delta-variant-missing", r"holds no PeRFlow ΔW: .*diffusion_pytorch_model\.v9\.safetensors",
+        argv=("convert", "{tiny}", "{out}", "--delta", "{w}/d", "--delta-variant", "v9"), setup=_TWO_VARIANTS),
+    Row("delta-options-without-delta", r"describe a ΔW: pass --delta too",
+        argv=("convert", "{tiny}", "{out}", "--delta-variant", "v0-1")),
+    Row("sd-delta-base-without-merged", r"only used with --delta-is-merged",
+        argv=(*_SD, "--delta", "{w}/d", "--delta-base", "{tiny}", "--out", "{out}"), setup=_TWO_VARIANTS),
+    Row("digits-delta-variant", r"--delta \(and its options\), --lora, --base and --init-image apply to Stable",
+        argv=(*_DIGITS, "--delta-variant", "v0-1", "--out", "{out}")),
+    Row("variant-in-no-folder", r"No model folder of .* has weights of variant 'v0-fix' \(unet, vae, text_encoder\)",
+        argv=("convert", "{tiny}", "{out}", "--variant", "v0-fix")),
+    Row("offline-repo-not-cached", r"'nobody/not-cached' is not a local folder and is not in the Hugging Face cache "
+        r".*downloads are off \(HF_HUB_OFFLINE is set\)",
+        argv=("sample", "--model", "nobody/not-cached", "--prompt", "x", "--out", "{out}")),
+]
+
+ROWS = FILE_ROWS + NUMBER_ROWS + TRAINING_ROWS + RELEASE_ROWS
 
 
 @pytest.fixture(scope="module")

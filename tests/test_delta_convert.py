@@ -83,8 +83,10 @@ def test_unet_format_delta_folder_with_variant(base, tmp_path) -> None:
     save_file(fp16, str(sub / "diffusion_pytorch_model.fp16.safetensors"))
     dw = delta_lib.load_delta(tmp_path / "perflow-delta", params, variant="fp16")
     assert next(iter(_flat(dw).values())).dtype == np.float16
+    # No plain file: the folder's single variant is used (the released ΔW folders hold only variants).
+    assert _same(delta_lib.load_delta(tmp_path / "perflow-delta", params), dw)
     with pytest.raises(FileNotFoundError, match="holds no PeRFlow ΔW"):
-        delta_lib.load_delta(tmp_path / "perflow-delta", params)  # no non-variant file
+        delta_lib.load_delta(tmp_path / "perflow-delta", params, variant="bf16")
 
 
 def test_delta_errors(base, tmp_path) -> None:

@@ -19,7 +19,8 @@ import torch
 
 from tests.support.tiny_sd import make_tiny_pipeline
 
-NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
 KERNEL = "perflow-jax-test"
 CELL_TIMEOUT = 240  # seconds per cell (the tiny model compiles in ~10–20 s on 2 shared cores)
 
@@ -47,7 +48,11 @@ def kernel_env(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("PERFLOW_JAX_CACHE_DIR", jax.config.jax_compilation_cache_dir or "off")
-    monkeypatch.delenv("PERFLOW_JAX_DELTA", raising=False)
+    for name in ("PERFLOW_JAX_MODEL", "PERFLOW_JAX_DELTA", "PERFLOW_JAX_DELTA_VARIANT", "PERFLOW_JAX_SOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the suite never reaches the Hub (conftest.py sets it too)
+    # The kernel imports this checkout's perflow_jax, whatever copy the environment has installed.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
 
 
 def _run(name: str) -> nbformat.NotebookNode:
@@ -79,11 +84,33 @@ def test_committed_notebook_has_no_outputs(name: str) -> None:
             assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
 
 
+def test_quickstart_installs_from_perflow_jax_source() -> None:
+    """The first code cell installs with pip from PERFLOW_JAX_SOURCE (default: the package name), on Colab or
+    where perflow_jax is not importable; no placeholder URL is left."""
+    nb = nbformat.read(os.path.join(NOTEBOOKS, "quickstart.ipynb"), as_version=4)
+    first = next(c.source for c in nb.cells if c.cell_type == "code")
+    assert 'PERFLOW_JAX_SOURCE = os.environ.get("PERFLOW_JAX_SOURCE", "perflow-jax")' in first
+    assert '"pip", "install", "-q", PERFLOW_JAX_SOURCE]' in first
+    assert "OWNER" not in "".join(c.source for c in nb.cells)
+
+
+@pytest.mark.slow(reason="executes the quickstart in a fresh kernel: JAX import and the digits sampler's compile")
+def test_quickstart_offline_runs_on_builtin_model(kernel_env) -> None:
+    """Offline and with no PERFLOW_JAX_MODEL, every cell runs on the built-in digits model."""
+    nb = _run("quickstart.ipynb")
+    out = _stdout(nb)
+    assert f"perflow-jax: {os.path.join(ROOT, 'perflow_jax', '__init__.py')}" in out
+    assert "online: False | model: digits" in out
+    assert "(8, 8, 8) uint8" in out
+    assert "img2img needs a Stable Diffusion model" in out
+    assert _num_images(nb) == 2  # the two generated grids
+
+
 def test_quickstart_runs_on_tiny_model(tiny_model: str, kernel_env, monkeypatch) -> None:
     """The quickstart turns on the persistent compilation cache explicitly (the tests' folder, from
     ``PERFLOW_JAX_CACHE_DIR``), loads the model from ``PERFLOW_JAX_MODEL`` (here the tiny SD1-style model),
     generates 4 images in 4 PeRFlow steps and shows them; the second generation does not recompile; img2img
-    runs. The Colab install cell is skipped outside Colab."""
+    runs. The install cell is skipped outside Colab (perflow_jax is importable)."""
     monkeypatch.setenv("PERFLOW_JAX_MODEL", tiny_model)
     nb = _run("quickstart.ipynb")
     out = _stdout(nb)

@@ -268,7 +268,7 @@ def test_too_few_steps_warns() -> None:
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"prediction_type": "epsilon"}, "prediction_type"),
+    ({"prediction_type": "v_prediction"}, "prediction_type"),  # "epsilon" is the alias of diff_eps
     ({"beta_schedule": "cosine"}, "beta_schedule"),
     ({"num_time_windows": 0}, "num_time_windows"),
     ({"num_time_windows": -2}, "num_time_windows"),

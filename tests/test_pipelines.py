@@ -398,9 +398,11 @@ def test_missing_tokenizer_files_raise(tiny, tmp_path) -> None:
 
 
 def test_repo_id_not_in_cache_raises(monkeypatch, tmp_path) -> None:
-    """A repo id absent from an (empty) Hugging Face cache fails saying nothing is downloaded and how to fetch."""
+    """Offline, a repo id absent from an (empty) Hugging Face cache fails saying downloads are off and how to
+    fetch it (downloads themselves: tests/test_hub.py)."""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache.*never downloads"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache.*downloads are off.*hf download"):
         load_pipeline_components("perflow-test/not-there")
 
 

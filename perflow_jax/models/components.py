@@ -2,7 +2,8 @@
 
 The folder is what ``DiffusionPipeline.save_pretrained`` writes: ``model_index.json`` with ``unet/``,
 ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and, for SDXL, ``text_encoder_2/`` and
-``tokenizer_2/``. A Hugging Face repo id resolves to its snapshot in the local cache; nothing is downloaded.
+``tokenizer_2/``. A Hugging Face repo id resolves to its snapshot in the local cache, or is downloaded
+(:mod:`perflow_jax.hub`).
 Tokenizers are transformers' ``CLIPTokenizer`` read from the local ``vocab.json`` / ``merges.txt``.
 """
 
@@ -12,12 +13,13 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from perflow_jax.hub import resolve_model_path
+from perflow_jax.hub import names_have_variant, resolve_model_path
 from perflow_jax.io import atomic_dir, check_destination, copy_file, copy_tree
 from perflow_jax.models.clip import CLIPTextConfig, load_clip_text_model
 from perflow_jax.models.config_io import CONFIG_NAME, read_config_json, read_json
@@ -162,26 +164,50 @@ def _load_model(kind: str, folder: str, *, dtype: Any, variant: str | None, allo
     return _MODEL_LOADERS[kind](folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle, **options)
 
 
+def component_variants(root: str, folders: list[str], variant: str | None) -> list[str | None]:
+    """The variant to read in each model folder, by diffusers' rule: `variant` where the folder has it, else the
+    plain weights (with a warning naming those folders); refused when no folder has `variant` at all."""
+    if variant is None:
+        return [None] * len(folders)
+    has = [names_have_variant(os.listdir(f), variant) for f in folders]
+    if not any(has):
+        raise FileNotFoundError(f"No model folder of {root!r} has weights of variant {variant!r} "
+                                f"({', '.join(os.path.basename(f) for f in folders)}); check the variant name, or "
+                                "leave it out.")
+    plain = [os.path.basename(f) for f, h in zip(folders, has, strict=True) if not h]
+    if plain:
+        warnings.warn(f"{root!r}: {', '.join(plain)} {'has' if len(plain) == 1 else 'have'} no {variant!r} weights; "
+                      "reading the plain ones (as diffusers does).", stacklevel=3)
+    return [variant if h else None for h in has]
+
+
 def load_pipeline_components(path_or_repo_id: str | os.PathLike, dtype: Any = None, variant: str | None = None,
-                             allow_pickle: bool = False, revision: str = "main") -> PipelineComponents:
-    """Load configs, params and tokenizers of a diffusers SD/SDXL folder or a cached hub repo id.
+                             allow_pickle: bool = False, revision: str = "main",
+                             local_files_only: bool = False) -> PipelineComponents:
+    """Load configs, params and tokenizers of a diffusers SD/SDXL folder or a Hugging Face repo id.
 
     Args:
-      path_or_repo_id: local folder, or ``"org/name"`` present in the local Hugging Face cache.
+      path_or_repo_id: local folder, or ``"org/name"``: from the local Hugging Face cache, else downloaded
+        (only the files read here; see :func:`perflow_jax.hub.resolve_model_path`).
       dtype: cast all params to this dtype (default: keep each file's dtype).
-      variant: weights variant, e.g. ``"fp16"`` for ``diffusion_pytorch_model.fp16.safetensors``.
+      variant: weights variant, e.g. ``"fp16"`` for ``diffusion_pytorch_model.fp16.safetensors``; a model
+        folder without it reads its plain weights (:func:`component_variants`).
       allow_pickle: allow ``.bin`` pickles (needs torch; only for files you trust).
       revision: hub revision for repo ids.
+      local_files_only: never download (as ``HF_HUB_OFFLINE=1``): a repo id must be cached.
     """
-    root = resolve_model_path(path_or_repo_id, revision)
+    root = resolve_model_path(path_or_repo_id, revision, variant=variant, allow_pickle=allow_pickle,
+                              local_files_only=local_files_only)
     index = read_model_index(root)
     family = "sdxl" if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")) else "sd"
 
-    load = dict(dtype=dtype, variant=variant, allow_pickle=allow_pickle)
-    unet_config, unet_params = _load_model("unet", _subfolder(root, "unet"), **load)
-    vae_config, vae_params = _load_model("vae", _subfolder(root, "vae"), **load)
+    models = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    variants = component_variants(root, [_subfolder(root, m) for m in models], variant)
+    load = dict(dtype=dtype, allow_pickle=allow_pickle)
+    unet_config, unet_params = _load_model("unet", _subfolder(root, "unet"), **load, variant=variants[0])
+    vae_config, vae_params = _load_model("vae", _subfolder(root, "vae"), **load, variant=variants[1])
     te_config, te_params = _load_model("text_encoder", _subfolder(root, "text_encoder"), **load,
-                                       with_projection=False)
+                                       variant=variants[2], with_projection=False)
     tokenizer = load_tokenizer(_subfolder(root, "tokenizer"), max_length=te_config.max_position_embeddings)
     sched_path = os.path.join(root, "scheduler", "scheduler_config.json")
     scheduler_config = read_json(sched_path) if os.path.isfile(sched_path) else None
@@ -190,7 +216,7 @@ def load_pipeline_components(path_or_repo_id: str | os.PathLike, dtype: Any = No
                                te_params, tokenizer, scheduler_config)
     if family == "sdxl":
         comps.text_encoder_2_config, comps.text_encoder_2_params = _load_model(
-            "text_encoder_2", _subfolder(root, "text_encoder_2"), **load, with_projection=True)
+            "text_encoder_2", _subfolder(root, "text_encoder_2"), **load, variant=variants[3], with_projection=True)
         comps.tokenizer_2 = load_tokenizer(_subfolder(root, "tokenizer_2"),
                                            max_length=comps.text_encoder_2_config.max_position_embeddings)
     return comps
@@ -243,7 +269,7 @@ def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: An
     Returns ``{"components": [...], "seconds": ...}``.
     """
     t0 = time.perf_counter()
-    root = resolve_model_path(src)
+    root = resolve_model_path(src, variant=variant, allow_pickle=allow_pickle)
     dst = os.path.abspath(os.fspath(dst))
     check_destination(dst, (src, root), overwrite=overwrite)  # before any work; atomic_dir checks again
     is_pipeline = os.path.isfile(os.path.join(root, "model_index.json"))
@@ -259,11 +285,14 @@ def convert_to_flax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: An
     if unet_transform is not None and _unet_kind(unet_folder, "unet") == "upscaler_unet":
         raise ValueError(f"{root!r} holds the latent upscaler's UNet; a PeRFlow ΔW is made for an SD UNet.")
 
+    variants = (component_variants(root, [os.path.join(root, n) for n in models], variant) if is_pipeline
+                else [variant])
     with atomic_dir(dst, overwrite=overwrite, sources=(src, root)) as tmp:
-        for name in tqdm(models, desc="converting", disable=not progress):
+        for name, name_variant in tqdm(list(zip(models, variants, strict=True)), desc="converting",
+                                       disable=not progress):
             folder = os.path.join(root, name) if name else root
             kind = _unet_kind(folder, name or _component_kind(folder))
-            _, params = _load_model(kind, folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle)
+            _, params = _load_model(kind, folder, dtype=dtype, variant=name_variant, allow_pickle=allow_pickle)
             if kind == "unet" and unet_transform is not None:
                 params = unet_transform(params)
             out = os.path.join(tmp, name)

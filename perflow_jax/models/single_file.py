@@ -346,7 +346,7 @@ def load_single_file(path: str | os.PathLike, base: str | os.PathLike | None, dt
 
     Args:
       path: the ``.safetensors`` file (``model.diffusion_model.*``, ``first_stage_model.*``, text encoder(s)).
-      base: a diffusers folder (or cached hub repo id) of the same family: tokenizers, scheduler config and
+      base: a diffusers folder (or Hugging Face repo id) of the same family: tokenizers, scheduler config and
         model_index are taken from it. Configs rule: ``<base>/<component>/config.json`` when the base folder has
         it, else the shipped family config (``perflow_jax/models/configs/<family>/``).
       dtype: cast all params to this dtype (default: keep the file's).

@@ -27,6 +27,7 @@ __all__ = [
     "SafetensorsStateDict",
     "Weights",
     "find_weights_file",
+    "weights_variants",
     "flax_weights_name",
     "load_state_dict",
     "read_flax_checkpoint",
@@ -150,6 +151,19 @@ def find_weights_file(folder: str | os.PathLike, stem: str, variant: str | None 
         f"No weights named {stem}{v}.safetensors (or a sharded index / .bin) in {folder!r}; found {present}. "
         + ("Check the variant name, or omit variant to use the full-precision file." if variant else "")
     )
+
+
+def weights_variants(names: Iterable[str], stem: str) -> list[str]:
+    """The variants ``v`` of the ``<stem>.<v>.safetensors`` files among `names` (file names, or repo paths
+    whose last part is compared), sorted; the plain ``<stem>.safetensors`` is not a variant."""
+    found = set()
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if base.startswith(stem + ".") and base.endswith(".safetensors"):
+            variant = base[len(stem) + 1:-len(".safetensors")]
+            if variant and "/" not in variant:
+                found.add(variant)
+    return sorted(found)
 
 
 def load_state_dict(path: str | os.PathLike, allow_pickle: bool = False,

@@ -195,27 +195,38 @@ class StableDiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, *, base: str | None = None, delta: str | None = None,
+                        delta_variant: str | None = None, delta_is_merged: bool = False, delta_base: str | None = None,
                         loras: Sequence[tuple[str, float]] = (), scheduler: str = "perflow",
                         scheduler_overrides: dict[str, Any] | None = None, dtype: Any = jnp.float32,
-                        variant: str | None = None, allow_pickle: bool = False,
+                        variant: str | None = None, allow_pickle: bool = False, local_files_only: bool = False,
                         **kwargs: Any) -> StableDiffusionPipeline:
         """Load a model, merge an optional PeRFlow ΔW and LoRAs, and pick a scheduler.
 
         Args:
-          path_or_repo_id: a diffusers-format folder, a repo id in the local Hugging Face cache, or a
-            single-file LDM/SGM ``.safetensors`` checkpoint (then `base` is required).
+          path_or_repo_id: a diffusers-format folder, a Hugging Face repo id (from the local cache, else
+            downloaded: only configs, tokenizer files and the weights of `variant`), or a single-file LDM/SGM
+            ``.safetensors`` checkpoint (then `base` is required).
           base: for a single file: a diffusers folder of the same family (tokenizers, scheduler, configs).
-          delta: PeRFlow ΔW (``delta_weights.safetensors``, its folder, or a UNet-format ΔW folder).
+          delta: PeRFlow ΔW (``delta_weights.safetensors``, its folder, a UNet-format ΔW folder, or a repo id
+            such as ``"hansyan/perflow-sd15-delta-weights"``).
+          delta_variant: the ΔW folder's weights variant (``"v0-1"``); default: its plain file, else its single
+            variant file (several variants are refused, listed).
+          delta_is_merged: `delta` holds merged PeRFlow UNet weights (a released pipeline or its ``unet/``);
+            ΔW = merged − the UNet of `delta_base`.
+          delta_base: with `delta_is_merged`: the pipeline or UNet the merged weights were made from (folder or
+            repo id); default: this model's own UNet.
           loras: ``(file, scale)`` pairs in the diffusers/PEFT or kohya layout, merged after ΔW.
           scheduler: registry name (``"perflow"``, ``"ddim"``, ...) or a diffusers class name.
           scheduler_overrides: config fields overriding the model's scheduler config.
           dtype: compute and param dtype (``jnp.bfloat16`` / ``jnp.float16`` halve memory).
           variant: weights variant such as ``"fp16"``.
           allow_pickle: allow ``.bin`` PyTorch pickles (needs torch; only for files you trust).
+          local_files_only: never download (as ``HF_HUB_OFFLINE=1``): repo ids must be in the local cache.
           kwargs: passed to the constructor (mesh, decode_chunk_size, attention options).
         """
-        components = load_components(path_or_repo_id, base=base, delta=delta, loras=loras, variant=variant,
-                                     allow_pickle=allow_pickle)
+        components = load_components(path_or_repo_id, base=base, delta=delta, delta_variant=delta_variant,
+                                     delta_is_merged=delta_is_merged, delta_base=delta_base, loras=loras,
+                                     variant=variant, allow_pickle=allow_pickle, local_files_only=local_files_only)
         return cls(components, make_scheduler(components, scheduler, scheduler_overrides), dtype=dtype, **kwargs)
 
     def _own_components(self, components: PipelineComponents) -> PipelineComponents:
@@ -570,24 +581,32 @@ def run_cached(cache: dict, spec: Any, program: Callable[[Any], Callable[..., ja
 
 
 def load_components(path_or_repo_id: str, *, base: str | None = None, delta: str | None = None,
+                    delta_variant: str | None = None, delta_is_merged: bool = False, delta_base: str | None = None,
                     loras: Sequence[tuple[str, float]] = (), variant: str | None = None,
-                    allow_pickle: bool = False) -> PipelineComponents:
-    """Components from a diffusers folder / cached repo id or a single-file checkpoint, then ΔW, then LoRAs.
+                    allow_pickle: bool = False, local_files_only: bool = False) -> PipelineComponents:
+    """Components from a diffusers folder / repo id or a single-file checkpoint, then ΔW, then LoRAs (the
+    arguments are :meth:`StableDiffusionPipeline.from_pretrained`'s).
 
     ΔW is merged first because it is defined against the exact base weights (and checked against the whole
     UNet); LoRAs are stacked on whatever model they are loaded into. LoRA scales are checked (finite numbers)
     before anything is loaded.
     """
     loras = [(f, values.check_float(f"The scale of LoRA {f!r}", scale)) for f, scale in loras]
+    if delta is None and (delta_variant is not None or delta_is_merged or delta_base is not None):
+        raise ValueError("delta_variant, delta_is_merged and delta_base (--delta-variant, --delta-is-merged, "
+                         "--delta-base) describe a ΔW: pass delta= (--delta) too, or leave them out.")
+    delta_lib.check_delta_options(delta_is_merged, delta_base)
     if os.path.isfile(path_or_repo_id):
         components = load_single_file(path_or_repo_id, base=base)
     else:
         if base is not None:
             raise ValueError("base= is only used with a single-file checkpoint; a diffusers folder has its own "
                              "tokenizers and scheduler.")
-        components = load_pipeline_components(path_or_repo_id, variant=variant, allow_pickle=allow_pickle)
+        components = load_pipeline_components(path_or_repo_id, variant=variant, allow_pickle=allow_pickle,
+                                              local_files_only=local_files_only)
     if delta is not None:
-        loaded = delta_lib.load_delta(delta, components.unet_params)
+        loaded = delta_lib.read_delta(delta, components.unet_params, variant=delta_variant,
+                                      is_merged=delta_is_merged, base=delta_base, local_files_only=local_files_only)
         try:
             components.unet_params = delta_lib.merge(components.unet_params, loaded)
         except ValueError as e:

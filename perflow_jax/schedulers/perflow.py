@@ -43,6 +43,8 @@ from perflow_jax import values
 from perflow_jax.schedulers import base, common
 
 PREDICTION_TYPES = ("ddim_eps", "diff_eps", "velocity")
+# The reference's name for diff_eps before it was renamed (same formula); its model card and demos still pass it.
+PREDICTION_TYPE_ALIASES = {"epsilon": "diff_eps"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,11 @@ class PeRFlowConfig(base.ConfigMixin):
 
     def __post_init__(self) -> None:
         common.check_vp_schedule(self)
+        if isinstance(self.prediction_type, str) and self.prediction_type in PREDICTION_TYPE_ALIASES:
+            new = PREDICTION_TYPE_ALIASES[self.prediction_type]
+            warnings.warn(f"PeRFlow prediction_type={self.prediction_type!r} is the reference's old name for "
+                          f"{new!r} (same formula); using {new!r}.", stacklevel=3)
+            object.__setattr__(self, "prediction_type", new)
         common.check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         common.check_positive_int("num_time_windows", self.num_time_windows)
         if self.t_noise != 1.0:
