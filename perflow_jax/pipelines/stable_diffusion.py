@@ -124,7 +124,8 @@ class GenerationRequest(NamedTuple):
       spec: the static part (the compiled program's key).
       inputs: batched global arrays, sharded over the mesh's data axis and padded to ``spec.batch``.
       seed: uint32 scalar, replicated.
-      guidance_scale: float32 scalar, replicated.
+      guidance_scale: float32 scalar, replicated (a pipeline built on this one may carry a pytree of replicated
+        scalars here that its :meth:`~StableDiffusionPipeline.program` reads, e.g. the ControlNet scales).
       num_images: rows before padding (the images returned).
     """
 
@@ -609,18 +610,23 @@ def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([a, np.repeat(a[-1:], rows - len(a), axis=0)]) if rows > len(a) else a
 
 
-def _prepare_images(image: np.ndarray, n: int) -> np.ndarray:
-    """NHWC uint8/float [0, 1] image(s) → (n, 3, H, W) float32 in [0, 1]."""
+def _prepare_images(image: np.ndarray, n: int, what: str = "init image") -> np.ndarray:
+    """NHWC uint8/float [0, 1] image(s) → (n, 3, H, W) float32 in [0, 1]; errors name the image as `what`."""
     img = np.asarray(image)
     if img.ndim == 3:
         img = img[None]
     if img.ndim != 4 or img.shape[-1] != 3:
-        raise ValueError(f"init image must be (H, W, 3) or (B, H, W, 3) RGB, got shape {img.shape}.")
+        raise ValueError(f"{what} must be (H, W, 3) or (B, H, W, 3) RGB, got shape {img.shape}"
+                         f"{' (convert a grayscale or RGBA image to RGB first)' if img.ndim in (2, 4) else ''}.")
+    if img.dtype != np.uint8 and not np.issubdtype(img.dtype, np.floating):
+        raise ValueError(f"{what} must be uint8 or float in [0, 1], got dtype {img.dtype}.")
     img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
+    if not np.all(np.isfinite(img)):
+        raise ValueError(f"{what} has non-finite values (NaN or inf).")
     if img.shape[0] == 1:
         img = np.repeat(img, n, axis=0)
     if img.shape[0] != n:
-        raise ValueError(f"Got {img.shape[0]} init images for {n} outputs; pass one image or one per output.")
+        raise ValueError(f"Got {img.shape[0]} {what}s for {n} outputs; pass one image or one per output.")
     return img.transpose(0, 3, 1, 2)
 
 
