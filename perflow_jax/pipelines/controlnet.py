@@ -40,6 +40,7 @@ from perflow_jax.models.controlnet import (
     controlnet_apply,
     load_controlnet,
 )
+from perflow_jax.pipelines import refiner
 from perflow_jax.pipelines.stable_diffusion import (
     STEP_NOISE_FOLD,
     GenerationInputs,
@@ -145,6 +146,16 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
         return cls(components, make_scheduler(components, scheduler, scheduler_overrides), nets, dtype=dtype,
                    **kwargs)
 
+    @classmethod
+    def from_pipeline(cls, pipe: StableDiffusionPipeline, controlnets: Sequence[str], **kwargs: Any
+                      ) -> StableDiffusionControlNetPipeline:
+        """A ControlNet pipeline on `pipe`'s components (its ΔW/LoRA-merged UNet, VAE, text encoders) and
+        scheduler, e.g. a Tile ControlNet refiner after text-to-image. `kwargs` go to the constructor (default:
+        `pipe`'s dtype and mesh)."""
+        nets = load_controlnets(list(controlnets))
+        kwargs = {"dtype": pipe.dtype, "mesh": pipe.mesh, **kwargs}
+        return cls(pipe.components, pipe.scheduler, nets, **kwargs)
+
     # ------------------------------------------------------------------------------------------------------
     # Calls
     # ------------------------------------------------------------------------------------------------------
@@ -168,6 +179,13 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
         return self.generate(self.build_control_request(
             prompt, negative_prompt, control_image, controlnet_conditioning_scale, control_guidance_start,
             control_guidance_end, guess_mode, image=image, strength=strength, **kwargs))
+
+    def refine(self, images: np.ndarray, prompt: str | Sequence[str],
+               negative_prompt: str | Sequence[str] | None = None, *, scale: float = 2,
+               strength: float = refiner.DEFAULT_STRENGTH, **kwargs: Any) -> np.ndarray:
+        """PeRFlow-Refiner: upscale `images` by `scale` with this pipeline's (Tile) ControlNet
+        (:func:`perflow_jax.pipelines.refiner.refine`)."""
+        return refiner.refine(self, images, prompt, negative_prompt, scale=scale, strength=strength, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # Host side

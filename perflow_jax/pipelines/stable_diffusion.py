@@ -49,13 +49,13 @@ from jax.sharding import Mesh
 from perflow_jax import delta as delta_lib
 from perflow_jax import sampling, schedulers, sharding, values
 from perflow_jax.lora import load_lora, merge_loras
-from perflow_jax.models import adapter
+from perflow_jax.models import adapter, vae_tiling
 from perflow_jax.models.adapter import UNetCondition
 from perflow_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from perflow_jax.models.components import PipelineComponents, load_pipeline_components
 from perflow_jax.models.single_file import load_single_file
 from perflow_jax.models.unet import UNet2DConditionModel
-from perflow_jax.models.vae import AutoencoderKL, scale_latents, unscale_latents
+from perflow_jax.models.vae import AutoencoderKL, LatentDistribution, scale_latents, unscale_latents
 from perflow_jax.pipelines.defaults import FAMILY_DEFAULTS, model_family, perflow_config_dict
 
 OUTPUT_TYPES = ("uint8", "float")
@@ -163,7 +163,8 @@ class StableDiffusionPipeline:
 
     def __init__(self, components: PipelineComponents, scheduler: schedulers.Scheduler, *,
                  dtype: Any = jnp.float32, mesh: Mesh | None = None, decode_chunk_size: int | None = None,
-                 attention_implementation: str | None = None, attention_chunk_size: int | None = None):
+                 attention_implementation: str | None = None, attention_chunk_size: int | None = None,
+                 vae_tile_size: int | None = None):
         c = components
         self.scheduler = scheduler
         self.family = model_family(c)
@@ -187,6 +188,12 @@ class StableDiffusionPipeline:
             lambda a: sharding.global_array(np.asarray(a, self.dtype), self._replicated), params)
         self.components = self._own_components(c)
         self.vae_scale_factor = 2 ** (len(c.vae_config.block_out_channels) - 1)
+        if vae_tile_size is not None:
+            values.check_int("vae_tile_size", vae_tile_size, min_value=4 * self.vae_scale_factor)
+            if vae_tile_size % (4 * self.vae_scale_factor):
+                raise ValueError(f"vae_tile_size must be a multiple of {4 * self.vae_scale_factor} pixels (4 latents), "
+                                 f"got {vae_tile_size}.")
+        self.vae_tile_size = vae_tile_size
         self.force_zeros_for_empty_prompt = bool(c.model_index.get("force_zeros_for_empty_prompt", True))
         self._states: dict[tuple, Any] = {}
         self._compiled: dict[GenerationSpec, Any] = {}
@@ -211,7 +218,8 @@ class StableDiffusionPipeline:
           dtype: compute and param dtype (``jnp.bfloat16`` / ``jnp.float16`` halve memory).
           variant: weights variant such as ``"fp16"``.
           allow_pickle: allow ``.bin`` PyTorch pickles (needs torch; only for files you trust).
-          kwargs: passed to the constructor (mesh, decode_chunk_size, attention options).
+          kwargs: passed to the constructor (mesh, decode_chunk_size, attention options, vae_tile_size: encode and
+            decode images larger than this many pixels in blended tiles, see :mod:`perflow_jax.models.vae_tiling`).
         """
         components = load_components(path_or_repo_id, base=base, delta=delta, loras=loras, variant=variant,
                                      allow_pickle=allow_pickle)
@@ -510,7 +518,7 @@ class StableDiffusionPipeline:
             return x
         chex.assert_shape(inputs.image, (shape[0], 3, spec.height, spec.width),
                           custom_message="inputs.image must be (B, 3, H, W)")
-        dist = self.vae.apply({"params": params["vae"]}, inputs.image * 2.0 - 1.0, method=AutoencoderKL.encode)
+        dist = self.vae_encode(params, inputs.image * 2.0 - 1.0)
         enc_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
         z = jax.vmap(_sample_latent)(dist.mean, dist.logvar, enc_keys)
         z0 = scale_latents(z.astype(jnp.float32), self.components.vae_config)
@@ -541,9 +549,28 @@ class StableDiffusionPipeline:
         """UNet latents → NHWC images: float32 in [0, 1], or uint8 with ``output_type="uint8"``."""
         _check_output_type(output_type)
         z = unscale_latents(latents, self.components.vae_config).astype(self.dtype)
-        image = self.vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode)
+        image = self.vae_decode(params, z)
         image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
         return jnp.round(image * 255).astype(jnp.uint8) if output_type == "uint8" else image
+
+
+    def vae_encode(self, params: Any, images: jax.Array) -> LatentDistribution:
+        """VAE posterior of images (B, 3, H, W) in [-1, 1]; in blended tiles (:mod:`perflow_jax.models.vae_tiling`)
+        when the pipeline has a ``vae_tile_size`` smaller than the image."""
+        tile = self._vae_tile_latents()
+        if tile is None or max(images.shape[2:]) <= self.vae_tile_size:
+            return self.vae.apply({"params": params["vae"]}, images, method=AutoencoderKL.encode)
+        return vae_tiling.tiled_encode(self.vae, params["vae"], images, tile, tile // 4)
+
+    def vae_decode(self, params: Any, latents: jax.Array) -> jax.Array:
+        """Unscaled latents → images in about [-1, 1]; tiled like :meth:`vae_encode`."""
+        tile = self._vae_tile_latents()
+        if tile is None or max(latents.shape[2:]) <= tile:
+            return self.vae.apply({"params": params["vae"]}, latents, method=AutoencoderKL.decode)
+        return vae_tiling.tiled_decode(self.vae, params["vae"], latents, tile, tile // 4)
+
+    def _vae_tile_latents(self) -> int | None:
+        return None if self.vae_tile_size is None else self.vae_tile_size // self.vae_scale_factor
 
 
 def load_components(path_or_repo_id: str, *, base: str | None = None, delta: str | None = None,
