@@ -390,3 +390,60 @@ def test_cli_control_errors(tmp_path, capsys, case: str) -> None:
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Original single-file ControlNets
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd21"])
+def test_single_file_matches_diffusers_from_single_file(tmp_path, family: str) -> None:
+    """An original-layout ControlNet file (``control_model.*``; written here from a tiny diffusers ControlNet with
+    the default 4-level conditioning embedding, as the real ones have) loads with the config derived from the base
+    UNet's, and its residuals equal those of diffusers' ``ControlNetModel.from_single_file(file,
+    config=LOCAL_DIR)`` within 1e-5. SDXL is not covered: its ControlNets were released in the diffusers layout
+    only (diffusers has no original-layout SDXL mapping either). A ``.pth`` pickle is refused without
+    allow_pickle, and a file that is not a ControlNet is named."""
+    from diffusers import ControlNetModel as TorchControlNet
+    from safetensors.numpy import save_file
+
+    from perflow_jax.models.controlnet import ControlNetConfig
+    from perflow_jax.models.controlnet_single_file import (
+        CONTROL_PREFIX,
+        controlnet_ldm_table,
+        load_controlnet_single_file,
+    )
+    from perflow_jax.models.convert import ConversionError
+    from perflow_jax.models.single_file import rewrite_key
+    from perflow_jax.models.unet import UNetConfig
+    from tests.support.tiny_sd import _perturb, _unet
+
+    torch.set_num_threads(1)
+    unet = _unet(family, 3)
+    net = _perturb(TorchControlNet.from_unet(unet), 4)
+    net.save_pretrained(str(tmp_path / "config"))
+    to_ldm = {v: k for k, v in controlnet_ldm_table(ControlNetConfig.from_json(str(tmp_path / "config"))).items()}
+    file = str(tmp_path / "control_tiny.safetensors")
+    save_file({CONTROL_PREFIX + rewrite_key(k, to_ldm): v.numpy() for k, v in net.state_dict().items()}, file)
+
+    ref = TorchControlNet.from_single_file(file, config=str(tmp_path / "config"), local_files_only=True)
+    config, params = load_controlnet_single_file(file, UNetConfig.from_dict(dict(unet.config)))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
+    image = rng.uniform(0, 1, (1, 3, 32, 32)).astype(np.float32)
+    context = rng.standard_normal((1, 3, config.encoder_dim)).astype(np.float32)
+    down, mid = controlnet_apply(ControlNetModel(config), params, x, 300, UNetCondition(context), image, 1.0)
+    with torch.no_grad():
+        ref_down, ref_mid = ref(torch.from_numpy(x), 300, torch.from_numpy(context), torch.from_numpy(image),
+                                return_dict=False)
+    diff = max(_max_diff(a, b.numpy()) for a, b in zip([*down, mid], [*ref_down, ref_mid], strict=True))
+    print(f"\n[{family}] single-file ControlNet residuals max |perflow_jax - diffusers| = {diff:.2e}")
+    assert diff < RESIDUAL_TOL
+
+    (tmp_path / "control.pth").write_bytes(b"not read")
+    with pytest.raises(ConversionError, match="PyTorch pickle"):
+        load_controlnet_single_file(str(tmp_path / "control.pth"), config)
+    save_file({"model.diffusion_model.conv_in.weight": np.zeros((1,), np.float32)}, str(tmp_path / "unet.safetensors"))
+    with pytest.raises(ValueError, match="is not an original ControlNet checkpoint"):
+        load_controlnet_single_file(str(tmp_path / "unet.safetensors"), config)

@@ -67,6 +67,13 @@ class ControlNetConfig(UNetConfig):
                 d["up_block_types"] = [_UP_FOR_DOWN.get(t, t) for t in reversed(down)]
         return super().from_dict(d)  # type: ignore[return-value]
 
+    @classmethod
+    def from_unet(cls, unet: UNetConfig, **overrides: Any) -> ControlNetConfig:
+        """The config of a ControlNet built on `unet` (as diffusers' ``ControlNetModel.from_unet``): its encoder
+        settings and diffusers' ControlNet defaults, overridden by `overrides`."""
+        fields = {f.name for f in dataclasses.fields(UNetConfig)}
+        return cls(**{k: v for k, v in unet.to_dict().items() if k in fields}, **overrides)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         ch = self.conditioning_embedding_out_channels

@@ -31,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax import sampling, schedulers, sharding, values
+from perflow_jax.hub import resolve_model_path
 from perflow_jax.models.adapter import ModelFn, UNetCondition
 from perflow_jax.models.components import PipelineComponents
+from perflow_jax.models.config_io import CONFIG_NAME
 from perflow_jax.models.controlnet import (
     ControlNetConfig,
     ControlNetModel,
@@ -40,6 +42,8 @@ from perflow_jax.models.controlnet import (
     controlnet_apply,
     load_controlnet,
 )
+from perflow_jax.models.controlnet_single_file import load_controlnet_single_file
+from perflow_jax.models.unet import UNetConfig
 from perflow_jax.pipelines import refiner
 from perflow_jax.pipelines.stable_diffusion import (
     STEP_NOISE_FOLD,
@@ -94,15 +98,20 @@ def control_keep(num_steps: int, start_step: int, starts: Sequence[float], ends:
     return keep
 
 
-def load_controlnets(paths: Sequence[str], *, dtype: Any = None, variant: str | None = None,
-                     allow_pickle: bool = False) -> list[tuple[ControlNetConfig, dict]]:
-    """``(config, params)`` of each ControlNet folder (diffusers layout or converted Flax)."""
+def load_controlnets(paths: Sequence[str], unet_config: UNetConfig, *, dtype: Any = None,
+                     variant: str | None = None, allow_pickle: bool = False) -> list[tuple[ControlNetConfig, dict]]:
+    """``(config, params)`` of each ControlNet: a diffusers folder (or a repo id in the local Hugging Face cache),
+    or an original single file (:mod:`perflow_jax.models.controlnet_single_file`) whose config is the
+    ``config.json`` beside it if there is one, else the base model's `unet_config` with ControlNet defaults."""
     out = []
     for path in paths:
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"ControlNet {path!r} is not a folder; pass a diffusers ControlNet folder "
-                                    "(config.json + diffusion_pytorch_model.safetensors).")
-        out.append(load_controlnet(path, dtype=dtype, variant=variant, allow_pickle=allow_pickle))
+        if os.path.isfile(path):
+            beside = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_NAME)
+            config = beside if os.path.isfile(beside) else unet_config
+            out.append(load_controlnet_single_file(path, config, dtype=dtype, allow_pickle=allow_pickle))
+        else:
+            out.append(load_controlnet(resolve_model_path(path), dtype=dtype, variant=variant,
+                                       allow_pickle=allow_pickle))
     return out
 
 
@@ -139,10 +148,12 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
                         dtype: Any = jnp.float32, variant: str | None = None, allow_pickle: bool = False,
                         **kwargs: Any) -> StableDiffusionControlNetPipeline:
         """As :meth:`StableDiffusionPipeline.from_pretrained` (ΔW and LoRAs merge into the UNet only), plus
-        `controlnets`: ControlNet folders, one per net."""
-        nets = load_controlnets(list(controlnets), variant=variant, allow_pickle=allow_pickle)
+        `controlnets`: one per net, each a diffusers ControlNet folder, a cached repo id or an original single
+        file (see :func:`load_controlnets`)."""
         components = load_components(path_or_repo_id, base=base, delta=delta, loras=loras, variant=variant,
                                      allow_pickle=allow_pickle)
+        nets = load_controlnets(list(controlnets), components.unet_config, variant=variant,
+                                allow_pickle=allow_pickle)
         return cls(components, make_scheduler(components, scheduler, scheduler_overrides), nets, dtype=dtype,
                    **kwargs)
 
@@ -152,7 +163,7 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
         """A ControlNet pipeline on `pipe`'s components (its ΔW/LoRA-merged UNet, VAE, text encoders) and
         scheduler, e.g. a Tile ControlNet refiner after text-to-image. `kwargs` go to the constructor (default:
         `pipe`'s dtype and mesh)."""
-        nets = load_controlnets(list(controlnets))
+        nets = load_controlnets(list(controlnets), pipe.components.unet_config)
         kwargs = {"dtype": pipe.dtype, "mesh": pipe.mesh, **kwargs}
         return cls(pipe.components, pipe.scheduler, nets, **kwargs)
 
