@@ -246,6 +246,7 @@ BAD_CALLS = {
     "control image size": (lambda p: p(PROMPTS, IMAGES[0][:, :16], height=H, width=W),
                            r"control image is 16×32 \(H×W\) but the output is 32×32; resize"),
     "grayscale control image": (lambda p: p(PROMPTS, IMAGES[0][..., 0]), "control image must be .* RGB"),
+    "2-D control image": (lambda p: p(PROMPTS, IMAGES[0][0, ..., 0]), "control image must be .* RGB"),
     "RGBA control image": (lambda p: p(PROMPTS, np.zeros((H, W, 4), np.uint8)), "control image must be .* RGB"),
     "missing control image": (lambda p: p(PROMPTS), "control_image is required"),
     "control image count": (lambda p: p(PROMPTS, IMAGES[0][:1].repeat(3, 0)), "Got 3 control images for 2"),

@@ -35,7 +35,7 @@ from perflow_jax.models.unet import DownBlock, MidBlock, UNet2DConditionModel, U
 Dtype = Any
 
 __all__ = ["ControlNetConfig", "ControlNetModel", "check_compatible", "controlnet_apply",
-           "controlnet_param_shapes", "load_controlnet"]
+           "controlnet_param_shapes", "init_controlnet_params", "load_controlnet"]
 
 _UP_FOR_DOWN = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
 
@@ -224,8 +224,8 @@ def controlnet_apply(module: ControlNetModel, params: Any, x: jax.Array, timeste
 # ----------------------------------------------------------------------------------------------------------
 
 
-def controlnet_param_shapes(config: ControlNetConfig) -> dict:
-    """The params tree as ``jax.ShapeDtypeStruct`` leaves (float32), without allocating anything."""
+def _init_fn(config: ControlNetConfig) -> Any:
+    """``rng → variables`` of a ControlNet on its smallest valid inputs (batch 1)."""
     s = 2 ** (len(config.block_out_channels) - 1)
     f = config.image_factor
     cond = UNetCondition(encoder_hidden_states=jnp.zeros((1, 1, config.encoder_dim)))
@@ -238,12 +238,22 @@ def controlnet_param_shapes(config: ControlNetConfig) -> dict:
     x = jnp.zeros((1, config.in_channels, s, s))
     image = jnp.zeros((1, config.conditioning_channels, s * f, s * f))
 
-    def init() -> Any:
+    def init(rng: jax.Array) -> Any:
         t, context, added = adapter.model_inputs(model, x, 0, cond)
-        return model.init(jax.random.key(0), x, t, context, image, added_cond_kwargs=added,
-                          class_labels=cond.class_labels)
+        return model.init(rng, x, t, context, image, added_cond_kwargs=added, class_labels=cond.class_labels)
 
-    return jax.eval_shape(init)["params"]
+    return init
+
+
+def controlnet_param_shapes(config: ControlNetConfig) -> dict:
+    """The params tree as ``jax.ShapeDtypeStruct`` leaves (float32), without allocating anything."""
+    return jax.eval_shape(_init_fn(config), jax.random.key(0))["params"]
+
+
+def init_controlnet_params(config: ControlNetConfig, rng: jax.Array) -> dict:
+    """Randomly initialised float32 params (Flax default initialisers; the zero convs are not zero), e.g. for
+    benchmarks."""
+    return jax.jit(_init_fn(config))(rng)["params"]
 
 
 def load_controlnet(folder: str | os.PathLike, dtype: Dtype | None = None, variant: str | None = None,

@@ -221,8 +221,9 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
         if not isinstance(guess_mode, bool):
             raise ValueError(f"guess_mode must be True or False, got {guess_mode!r}.")
         if kwargs.get("image") is None and kwargs.get("height") is None and kwargs.get("width") is None:
-            h, w = np.asarray(images[0]).shape[-3:-1]
-            kwargs.update(height=int(h), width=int(w))
+            first = _prepare_images(images[0], 1 if np.ndim(images[0]) == 3 else len(images[0]),
+                                    "control image" if n_nets == 1 else "control image 0")
+            kwargs.update(height=first.shape[2], width=first.shape[3])  # the output size defaults to the image's
         request = self.build_request(prompt, negative_prompt, **kwargs)
         spec = request.spec
         n = request.num_images
