@@ -30,7 +30,7 @@ from perflow_jax.models import adapter
 from perflow_jax.models.adapter import UNetCondition
 from perflow_jax.models.convert import load_params
 from perflow_jax.models.layers import conv2d
-from perflow_jax.models.unet import DownBlock, MidBlock, UNet2DConditionModel, UNetConfig
+from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 Dtype = Any
 
@@ -177,18 +177,7 @@ class ControlNetModel(UNet2DConditionModel):
         x = x + ControlNetConditioningEmbedding(cfg.block_out_channels[0], cfg.conditioning_embedding_out_channels,
                                                 self.dtype, name="controlnet_cond_embedding")(hint)
 
-        n = len(cfg.block_out_channels)
-        layers = cfg.per_block("layers_per_block")
-        common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, dtype=self.dtype)
-        skips = [x]
-        for i in range(n):
-            x, res = DownBlock(cfg.block_out_channels[i], layers[i], self._attn_spec("down", i), i < n - 1,
-                               downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}", **common)(
-                x, emb, context)
-            skips += res
-        x = MidBlock(self._attn_spec("mid", 0), output_scale_factor=cfg.mid_block_scale_factor,
-                     name="mid_block", **common)(x, emb, context)
-
+        x, skips = self._down_and_mid(x, emb, context)
         down = [conv2d(s.shape[-1], 1, self.dtype, f"controlnet_down_blocks_{i}")(s) for i, s in enumerate(skips)]
         mid = conv2d(x.shape[-1], 1, self.dtype, "controlnet_mid_block")(x)
 
