@@ -13,6 +13,7 @@ Tolerances:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -405,7 +406,8 @@ def test_single_file_matches_diffusers_from_single_file(tmp_path, family: str) -
     UNet's, and its residuals equal those of diffusers' ``ControlNetModel.from_single_file(file,
     config=LOCAL_DIR)`` within 1e-5. SDXL is not covered: its ControlNets were released in the diffusers layout
     only (diffusers has no original-layout SDXL mapping either). A ``.pth`` pickle is refused without
-    allow_pickle, and a file that is not a ControlNet is named."""
+    allow_pickle, and a file that is not a ControlNet is named. The pipelines' loader (a file path among the
+    ControlNets) gives the same params."""
     from diffusers import ControlNetModel as TorchControlNet
     from safetensors.numpy import save_file
 
@@ -441,6 +443,14 @@ def test_single_file_matches_diffusers_from_single_file(tmp_path, family: str) -
     diff = max(_max_diff(a, b.numpy()) for a, b in zip([*down, mid], [*ref_down, ref_mid], strict=True))
     print(f"\n[{family}] single-file ControlNet residuals max |perflow_jax - diffusers| = {diff:.2e}")
     assert diff < RESIDUAL_TOL
+
+    from perflow_jax.pipelines.controlnet import load_controlnets
+
+    ((via_pipeline_config, via_pipeline),) = load_controlnets([file], UNetConfig.from_dict(dict(unet.config)))
+    assert via_pipeline_config == config
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(via_pipeline), jax.tree_util.tree_leaves(params),
+                            strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=str(path))
 
     (tmp_path / "control.pth").write_bytes(b"not read")
     with pytest.raises(ConversionError, match="PyTorch pickle"):
