@@ -184,9 +184,10 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
 
     def img2img(self, prompt: str | Sequence[str], image: np.ndarray, control_image: Any = None,  # type: ignore[override]
                 strength: float = 0.8, negative_prompt: str | Sequence[str] | None = None, *,
-                controlnet_conditioning_scale: Scales = 1.0, control_guidance_start: Scales = 0.0,
+                controlnet_conditioning_scale: Scales = 0.8, control_guidance_start: Scales = 0.0,
                 control_guidance_end: Scales = 1.0, guess_mode: bool = False, **kwargs: Any) -> np.ndarray:
-        """img2img (as :meth:`StableDiffusionPipeline.img2img`) under `control_image`."""
+        """img2img (as :meth:`StableDiffusionPipeline.img2img`) under `control_image`; strength and conditioning
+        scale default to 0.8, as in diffusers' ``StableDiffusionControlNetImg2ImgPipeline``."""
         return self.generate(self.build_control_request(
             prompt, negative_prompt, control_image, controlnet_conditioning_scale, control_guidance_start,
             control_guidance_end, guess_mode, image=image, strength=strength, **kwargs))

@@ -3,7 +3,8 @@
 As the reference does it: the images are resized with a Lanczos-4 filter (OpenCV's ``INTER_LANCZOS4``, what
 ``controlnet_aux.util.resize_image`` uses when enlarging) so their short side is ``scale`` times larger, both
 sides rounded to multiples of 64; the result is both the init image and the control image of a ControlNet
-img2img run at strength 1.0 (the whole schedule) with the ΔW-merged UNet and the Tile ControlNet. Large outputs
+img2img run at strength 1.0 (the whole schedule) with the ΔW-merged UNet and the Tile ControlNet, at diffusers'
+img2img default conditioning scale 0.8 (the reference passes none). Large outputs
 fit in memory with the pipeline's ``vae_tile_size`` (tiled VAE encode/decode, :mod:`perflow_jax.models.vae_tiling`).
 """
 
