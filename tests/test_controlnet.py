@@ -399,6 +399,7 @@ def test_cli_control_errors(tmp_path, capsys, case: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow(reason="builds, converts and loads a full-size-embedding ControlNet with diffusers and perflow_jax")
 @pytest.mark.parametrize("family", ["sd15", "sd21"])
 def test_single_file_matches_diffusers_from_single_file(tmp_path, family: str) -> None:
     """An original-layout ControlNet file (``control_model.*``; written here from a tiny diffusers ControlNet with
