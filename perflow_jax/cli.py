@@ -110,6 +110,18 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--upscale-steps", type=_positive_int, default=None, help="upscaler Euler steps (default 20)")
     s.add_argument("--upscale-guidance", type=float, default=None,
                    help="upscaler CFG scale (default 0: no guidance and no prompt, as in diffusers' example)")
+    s.add_argument("--controlnet", action="append", type=_lora_arg, default=[], metavar="DIR_OR_FILE[:SCALE]",
+                   help="a ControlNet (diffusers folder) and its conditioning scale (default 1); repeatable, one "
+                        "--control-image each")
+    s.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                   help="the control image of the matching --controlnet (an RGB image of the output size)")
+    s.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (as diffusers)")
+    s.add_argument("--refine", type=float, default=None, metavar="SCALE",
+                   help="PeRFlow-Refiner: upscale the images by SCALE with --refine-controlnet (a Tile ControlNet)")
+    s.add_argument("--refine-controlnet", default=None, metavar="DIR", help="the Tile ControlNet for --refine")
+    s.add_argument("--refine-strength", type=float, default=None, help="refiner img2img strength (default 1.0)")
+    s.add_argument("--vae-tile-size", type=_positive_int, default=None, metavar="PIXELS",
+                   help="encode/decode larger images in blended VAE tiles of this size (e.g. 512 for 2048² images)")
     s.add_argument("--out", required=True,
                    help="output folder for PNGs and grid.png; a rerun replaces the images perflow-jax wrote there "
                         "and touches no other file")
@@ -167,12 +179,15 @@ def _cmd_sample_digits(args: argparse.Namespace) -> None:
     from perflow_jax.pipelines.digits import DEFAULT_MAX_BATCH, DigitsPipeline, save_grid
 
     if (args.delta or args.lora or args.base or args.init_image or args.upscale or args.upscaler
-            or any(_delta_options(args).values())):
-        raise CLIError("--delta (and its options), --lora, --base, --init-image, --upscale and --upscaler apply to "
-                       "Stable Diffusion models, not 'digits'.")
+            or any(_delta_options(args).values()) or args.controlnet or args.control_image
+            or args.refine is not None or args.refine_controlnet or args.guess_mode):
+        raise CLIError("--delta (and its options), --lora, --base, --init-image, --upscale, --upscaler and the "
+                       "ControlNet/refiner options apply to Stable Diffusion models, not 'digits'.")
     unused = [flag for flag, value in (("--negative-prompt", args.negative_prompt), ("--height", args.height),
                                        ("--width", args.width), ("--dtype", args.dtype), ("--variant", args.variant),
-                                       ("--strength", args.strength), ("--decode-chunk-size", args.decode_chunk_size))
+                                       ("--strength", args.strength), ("--decode-chunk-size", args.decode_chunk_size),
+                                       ("--vae-tile-size", args.vae_tile_size),
+                                       ("--refine-strength", args.refine_strength))
               if value is not None]
     if unused:
         raise CLIError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by the built-in digits "
@@ -213,18 +228,33 @@ def _cmd_sample_digits(args: argparse.Namespace) -> None:
           f"run {run_s:.3f}s for {n} images{batched}; wrote {n} PNGs and {grid}")
 
 
-def _read_init_image(path: str) -> np.ndarray:
-    """An RGB image file as (H, W, 3) uint8; a missing or unreadable file is a CLIError."""
+def _read_init_image(path: str, flag: str = "--init-image") -> np.ndarray:
+    """An RGB image file as (H, W, 3) uint8; a missing or unreadable file is a CLIError naming `flag`."""
     import numpy as np
     from PIL import Image
 
     if not os.path.isfile(path):
-        raise CLIError(f"--init-image {path!r} does not exist.")
+        raise CLIError(f"{flag} {path!r} does not exist.")
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise CLIError(f"--init-image {path!r} is not an image file PIL can read ({type(e).__name__}: {e}).") from e
+        raise CLIError(f"{flag} {path!r} is not an image file PIL can read ({type(e).__name__}: {e}).") from e
+
+
+def _check_control_args(args: argparse.Namespace) -> None:
+    """ControlNet and refiner flags that only make sense together."""
+    if len(args.control_image) != len(args.controlnet):
+        raise CLIError(f"got {len(args.controlnet)} --controlnet and {len(args.control_image)} --control-image; pass "
+                       "one --control-image per --controlnet, in the same order.")
+    if args.guess_mode and not args.controlnet:
+        raise CLIError("--guess-mode applies to ControlNets; pass --controlnet and --control-image too.")
+    if (args.refine is None) != (args.refine_controlnet is None):
+        raise CLIError("--refine SCALE and --refine-controlnet DIR go together (the refiner needs a Tile ControlNet).")
+    if args.refine_strength is not None and args.refine is None:
+        raise CLIError("--refine-strength applies to --refine only.")
+    if args.refine is not None and not args.refine >= 1.0:
+        raise CLIError(f"--refine must be a scale ≥ 1, got {args.refine}.")
 
 
 def _check_upscale_args(args: argparse.Namespace) -> None:
@@ -275,10 +305,12 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from perflow_jax.images import GRID, GRID_MAX_IMAGES, OutputFolder, make_grid, save_png
-    from perflow_jax.pipelines import StableDiffusionPipeline
+    from perflow_jax.pipelines import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
+    _check_control_args(args)
     n = len(args.prompt) * args.num_images
     out = OutputFolder(args.out, n)  # checked before any work
+    control_images = [_read_init_image(f, "--control-image") for f in args.control_image]
     init_image = None
     strength = 0.6 if args.strength is None else args.strength
     if args.init_image is not None:
@@ -288,11 +320,20 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     elif args.strength is not None:
         raise CLIError("--strength applies to img2img only; pass --init-image too, or leave --strength out.")
     t0 = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        args.model, base=args.base, delta=args.delta, **_delta_options(args), loras=args.lora,
-        scheduler=args.scheduler or "perflow",
-        dtype=getattr(jnp, DTYPES[args.dtype or "fp32"]), variant=args.variant,
-        decode_chunk_size=args.decode_chunk_size)
+    options = dict(base=args.base, delta=args.delta, **_delta_options(args), loras=args.lora,
+                   scheduler=args.scheduler or "perflow", dtype=getattr(jnp, DTYPES[args.dtype or "fp32"]),
+                   variant=args.variant, decode_chunk_size=args.decode_chunk_size, vae_tile_size=args.vae_tile_size)
+    control: dict = {}
+    if args.controlnet:
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(
+            args.model, controlnets=[path for path, _ in args.controlnet], **options)
+        control = dict(controlnet_conditioning_scale=[scale for _, scale in args.controlnet],
+                       guess_mode=args.guess_mode)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, **options)
+    refiner = (StableDiffusionControlNetPipeline.from_pipeline(
+        pipe, [args.refine_controlnet], decode_chunk_size=args.decode_chunk_size, vae_tile_size=args.vae_tile_size)
+        if args.refine is not None else None)
     print(f"loaded {args.model} ({pipe.family}, scheduler {pipe.scheduler.name}) in {time.perf_counter() - t0:.1f}s")
     up = _load_upscaler(args, pipe) if args.upscale else None
 
@@ -312,6 +353,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, seed=seed, first_index=first,
                   output_type="uint8" if up is None else "latent")
+        if control:
+            kw.update(control, control_image=control_images[0] if len(control_images) == 1 else control_images)
         if init_image is not None:
             images = pipe.img2img(chunk, init_image, strength=strength, **kw)
         else:
@@ -324,6 +367,13 @@ def _cmd_sample(args: argparse.Namespace) -> None:
                         seed=seed, first_index=first)
             compile_s += up.stats.compile_seconds
             run_s += up.stats.run_seconds
+        if refiner is not None:
+            images = refiner.refine(images, chunk, args.negative_prompt, scale=args.refine,
+                                    strength=1.0 if args.refine_strength is None else args.refine_strength,
+                                    num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seed,
+                                    first_index=first)
+            compile_s += refiner.stats.compile_seconds
+            run_s += refiner.stats.run_seconds
         out.save(images, start)
         grid_images.extend(images[:GRID_MAX_IMAGES - len(grid_images)])
     grid_images = np.stack(grid_images)

@@ -438,6 +438,65 @@ def bench_grid(jpipe: Any, tpipe: Any, args: argparse.Namespace) -> list[dict[st
     return rows
 
 
+def bench_controlnet(jpipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The ControlNet pipeline's overhead over its parts, each measured alone: text encode, then per step the UNet
+    and a ControlNet (random init, conditioning embedding down to the latent size) on the CFG batch, then VAE decode.
+    ``overhead = pipeline / (encode + steps · (UNet + ControlNet) + decode)``; goal ≤ 1.05. First steps value and
+    batch size only; interleaved rounds as in :func:`bench_grid`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from perflow_jax.models.controlnet import (
+        ControlNetConfig,
+        ControlNetModel,
+        controlnet_apply,
+        init_controlnet_params,
+    )
+    from perflow_jax.pipelines.controlnet import StableDiffusionControlNetPipeline
+
+    steps, batch = args.steps[0], args.batches[0]
+    levels = jpipe.vae_scale_factor.bit_length()  # conditioning embedding: one level per VAE halving, plus one
+    config = ControlNetConfig.from_unet(jpipe.components.unet_config,
+                                        conditioning_embedding_out_channels=(16, 32, 96, 256)[:levels])
+    params = jax.tree_util.tree_map(np.asarray, init_controlnet_params(config, jax.random.key(1)))
+    cpipe = StableDiffusionControlNetPipeline(jpipe.components, jpipe.scheduler, [(config, params)],
+                                              dtype=jpipe.dtype, mesh=jpipe.mesh)
+    image = np.random.default_rng(0).uniform(0, 1, (batch, args.resolution, args.resolution, 3)).astype(np.float32)
+    n_ctx = 2 * batch if args.guidance > 1.0 else batch
+    lat = args.resolution // jpipe.vae_scale_factor
+    x = jax.random.normal(jax.random.key(0), (n_ctx, config.in_channels, lat, lat), jnp.float32)
+    t = jnp.full((n_ctx,), 500, jnp.int32)
+    hint = jnp.asarray(np.concatenate([image] * (n_ctx // batch)).transpose(0, 3, 1, 2))
+    net = ControlNetModel(config, dtype=cpipe.dtype)
+    cond = jax.block_until_ready(jax.jit(cpipe.encode_prompt, static_argnames="size")(
+        cpipe.params, jnp.asarray(cpipe.tokenize([PROMPT] * n_ctx)), size=(args.resolution, args.resolution)))
+    cnet = jax.jit(lambda p, x, t, c, h: controlnet_apply(net, p, x, t, c, h, 1.0))
+    cparams = cpipe.params["controlnets"][0]
+    comps = _jax_components(jpipe, batch, args)
+    calls = {
+        "pipeline": lambda: cpipe([PROMPT] * batch, image, num_inference_steps=steps, guidance_scale=args.guidance,
+                                  height=args.resolution, width=args.resolution),
+        "text_encode": comps["jax_text_encode"], "unet": comps["jax_unet"],
+        "controlnet": lambda: cnet(cparams, x, t, cond, hint),
+        "vae_decode": comps["jax_vae_decode"]}
+    for fn in calls.values():
+        _jax_sync(fn())
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(args.warmup + args.repeats):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            _jax_sync(fn())
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    row: dict[str, Any] = {"steps": steps, "batch": batch, **{f"{k}_s": statistics.median(v) for k, v in times.items()}}
+    row["limit_s"] = row["text_encode_s"] + steps * (row["unet_s"] + row["controlnet_s"]) + row["vae_decode_s"]
+    row["overhead"] = row["pipeline_s"] / row["limit_s"]
+    print(f"[controlnet] steps={steps} batch={batch}: pipeline {row['pipeline_s']:.3f}s, limit {row['limit_s']:.3f}s, "
+          f"overhead {row['overhead']:.3f} (goal ≤ {OVERHEAD_GOAL})", flush=True)
+    return row
+
+
 def check_recompile(jpipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     """New prompt, seed and guidance at an already compiled shape must reuse the compiled program."""
     steps, batch = args.steps[0], args.batches[0]
@@ -700,6 +759,16 @@ def render_markdown(res: dict[str, Any], chart_name: str | None) -> str:
         lines.append(f"| {r['steps']} | {r['batch']} | {_f(r['jax_s'])} | {_f(r['jax_text_encode_s'])} | "
                      f"{_f(r['steps'] * r['jax_unet_s'])} | {_f(r['jax_vae_decode_s'])} | {_f(r['limit_s'])} | "
                      f"**{_f(r['overhead'], 3)}**{mark} |")
+    c = res.get("controlnet")
+    if c:
+        mark = "" if c["overhead"] <= OVERHEAD_GOAL else " ⚠"
+        lines += ["", "ControlNet text-to-image (one net, random weights) against its parts alone: limit = text encode "
+                  "+ N x (UNet + ControlNet, each on the CFG batch) + VAE decode.", "",
+                  "| steps | batch | pipeline s | text encode s | N x UNet s | N x ControlNet s | VAE decode s | "
+                  "limit s | overhead |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                  f"| {c['steps']} | {c['batch']} | {_f(c['pipeline_s'])} | {_f(c['text_encode_s'])} | "
+                  f"{_f(c['steps'] * c['unet_s'])} | {_f(c['steps'] * c['controlnet_s'])} | {_f(c['vae_decode_s'])} | "
+                  f"{_f(c['limit_s'])} | **{_f(c['overhead'], 3)}**{mark} |"]
     lines += ["", "Stages alone, perflow-jax (XLA) vs PyTorch, seconds (same rounds), and the same sum for diffusers "
               "(its pipeline time / its own limit):", "",
               "| steps | batch | text encode jax | text encode torch | UNet jax | UNet torch | VAE decode jax | "
@@ -968,6 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res["grid"] = bench_grid(jpipe, tpipe, args)
         res["recompile_check"] = check_recompile(jpipe, args)
         res["scheduler"] = bench_scheduler(jpipe, tpipe, res["grid"], args)
+        res["controlnet"] = bench_controlnet(jpipe, args)
         if not args.no_torch:
             res["convs"] = bench_convs(jpipe, args)
         if jax.default_backend() == "gpu" and not args.no_torch and _torch_device() == "cuda":

@@ -16,6 +16,7 @@ from perflow_jax.models.components import (
     load_pipeline_components,
     load_tokenizer,
 )
+from perflow_jax.models.controlnet import ControlNetConfig, ControlNetModel, load_controlnet
 from perflow_jax.models.convert import load_params, torch_to_flax
 from perflow_jax.models.mismatch import ConversionError
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig, init_unet_params, load_unet
@@ -24,7 +25,8 @@ from perflow_jax.models.weights_io import load_state_dict
 
 __all__ = [
     "AutoencoderKL", "CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTextOutput",
-    "ConversionError", "PipelineComponents", "UNet2DConditionModel", "UNetConfig", "VAEConfig", "convert_to_flax",
-    "init_unet_params", "load_clip_text_model", "load_params", "load_pipeline_components", "load_state_dict",
-    "load_tokenizer", "load_unet", "load_vae", "scale_latents", "torch_to_flax", "unscale_latents",
+    "ControlNetConfig", "ControlNetModel", "ConversionError", "PipelineComponents", "UNet2DConditionModel",
+    "UNetConfig", "VAEConfig", "convert_to_flax", "init_unet_params", "load_clip_text_model", "load_controlnet",
+    "load_params", "load_pipeline_components", "load_state_dict", "load_tokenizer", "load_unet", "load_vae",
+    "scale_latents", "torch_to_flax", "unscale_latents",
 ]

@@ -26,12 +26,16 @@ class UNetCondition(NamedTuple):
       text_embeds: SDXL's pooled text embedding (B, P).
       time_ids: SDXL's added time ids (B, 6), from :func:`sdxl_time_ids`.
       class_labels: (B,) integer labels for class-conditional UNets (``num_class_embeds``).
+      down_residuals: ControlNet residuals added to the UNet's skip connections, one (B, C, H, W) per skip.
+      mid_residual: ControlNet residual added to the mid block's output, (B, C, H, W).
     """
 
     encoder_hidden_states: jax.Array | None = None
     text_embeds: jax.Array | None = None
     time_ids: jax.Array | None = None
     class_labels: jax.Array | None = None
+    down_residuals: tuple[jax.Array, ...] | None = None
+    mid_residual: jax.Array | None = None
 
     @classmethod
     def from_mapping(cls, cond: Mapping[str, Any] | UNetCondition) -> UNetCondition:
@@ -62,14 +66,10 @@ def sdxl_time_ids(batch: int, original_size: Any, crop_top_left: Any = (0, 0), t
     return jnp.broadcast_to(ids, (batch, 6))
 
 
-def unet_apply(module: Any, params: Any, x: jax.Array, timesteps: jax.typing.ArrayLike,
-               cond: UNetCondition | Mapping[str, Any]) -> jax.Array:
-    """Run a Flax UNet on `x` (B, C, H, W) at `timesteps` (scalar or (B,)) under `cond`; float32 output.
-
-    `module` is a :class:`~perflow_jax.models.unet.UNet2DConditionModel` (its ``config.encoder_dim`` sizes
-    the zero token used when `cond` has no text).
-    """
-    cond = UNetCondition.from_mapping(cond)
+def model_inputs(module: Any, x: jax.Array, timesteps: jax.typing.ArrayLike, cond: UNetCondition
+                 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array] | None]:
+    """The ``(timesteps (B,), encoder_hidden_states, added_cond_kwargs)`` a UNet-shaped module (UNet or
+    ControlNet) takes for `x` under `cond`; a zero token stands in for absent text."""
     b = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
     context = cond.encoder_hidden_states
@@ -80,7 +80,21 @@ def unet_apply(module: Any, params: Any, x: jax.Array, timesteps: jax.typing.Arr
         if cond.text_embeds is None or cond.time_ids is None:
             raise ValueError("An SDXL condition needs both text_embeds and time_ids.")
         added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
-    out = module.apply({"params": params}, x, t, context, added_cond_kwargs=added, class_labels=cond.class_labels)
+    return t, context, added
+
+
+def unet_apply(module: Any, params: Any, x: jax.Array, timesteps: jax.typing.ArrayLike,
+               cond: UNetCondition | Mapping[str, Any]) -> jax.Array:
+    """Run a Flax UNet on `x` (B, C, H, W) at `timesteps` (scalar or (B,)) under `cond`; float32 output.
+
+    `module` is a :class:`~perflow_jax.models.unet.UNet2DConditionModel` (its ``config.encoder_dim`` sizes
+    the zero token used when `cond` has no text). ControlNet residuals in `cond` are added to the UNet's skips.
+    """
+    cond = UNetCondition.from_mapping(cond)
+    t, context, added = model_inputs(module, x, timesteps, cond)
+    out = module.apply({"params": params}, x, t, context, added_cond_kwargs=added, class_labels=cond.class_labels,
+                       down_block_additional_residuals=cond.down_residuals,
+                       mid_block_additional_residual=cond.mid_residual)
     return out.astype(jnp.float32)
 
 
@@ -93,4 +107,4 @@ def unet_fn(module: Any, params: Any) -> ModelFn:
     return fn
 
 
-__all__ = ["ModelFn", "UNetCondition", "sdxl_time_ids", "unet_apply", "unet_fn"]
+__all__ = ["ModelFn", "UNetCondition", "model_inputs", "sdxl_time_ids", "unet_apply", "unet_fn"]

@@ -477,6 +477,13 @@ class UpBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _nhwc(residual: jax.Array, like: jax.Array) -> jax.Array:
+    """An NCHW ControlNet residual in the NHWC layout and dtype of the feature map `like` it is added to."""
+    chex.assert_shape(residual, (like.shape[0], like.shape[3], like.shape[1], like.shape[2]),
+                      custom_message="A ControlNet residual does not match the UNet feature map it is added to")
+    return jnp.transpose(residual, (0, 2, 3, 1)).astype(like.dtype)
+
+
 def _depths(value: int | tuple[int, ...], num_layers: int) -> tuple[int, ...]:
     """Transformer depth per resnet layer from an int (same for all) or a per-layer tuple."""
     return (value,) * num_layers if isinstance(value, int) else tuple(value[:num_layers])
@@ -509,6 +516,8 @@ class UNet2DConditionModel(nn.Module):
         added_cond_kwargs: Mapping[str, jax.Array] | None = None,
         class_labels: jax.Array | None = None,
         train: bool = False,
+        down_block_additional_residuals: tuple[jax.Array, ...] | None = None,
+        mid_block_additional_residual: jax.Array | None = None,
     ) -> jax.Array:
         """Predict the model output (noise, v, or velocity, depending on training) for a noisy ``sample``.
 
@@ -521,6 +530,9 @@ class UNet2DConditionModel(nn.Module):
             ``projection_class_embeddings_input_dim``.
           class_labels: ``(B,)`` ints, required iff ``num_class_embeds`` is set.
           train: unused (SD UNets have no dropout); kept for a uniform model signature.
+          down_block_additional_residuals: ControlNet residuals ``(B, C_i, H_i, W_i)``, one per skip connection
+            (``conv_in`` output first), added to the skips before the up blocks, as diffusers does.
+          mid_block_additional_residual: ControlNet residual added to the mid block's output.
 
         Returns:
           ``(B, out_channels, H, W)`` in ``dtype``.
@@ -540,19 +552,18 @@ class UNet2DConditionModel(nn.Module):
         if cfg.center_input_sample:
             x = 2 * x - 1.0
         x = conv2d(cfg.block_out_channels[0], cfg.conv_in_kernel, self.dtype, "conv_in")(x)
+        x, skips = self._down_and_mid(x, emb, context)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"Got {len(down_block_additional_residuals)} down-block residuals; this UNet has "
+                                 f"{len(skips)} skip connections (a ControlNet of another layout?).")
+            skips = [s + _nhwc(r, s) for s, r in zip(skips, down_block_additional_residuals, strict=True)]
+        if mid_block_additional_residual is not None:
+            x = x + _nhwc(mid_block_additional_residual, x)
 
         n = len(cfg.block_out_channels)
         layers = cfg.per_block("layers_per_block")
         common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, dtype=self.dtype)
-        skips = [x]
-        for i in range(n):
-            x, res = DownBlock(cfg.block_out_channels[i], layers[i], self._attn_spec("down", i), i < n - 1,
-                               downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}", **common)(
-                x, emb, context)
-            skips += res
-
-        x = MidBlock(self._attn_spec("mid", 0), output_scale_factor=cfg.mid_block_scale_factor,
-                     name="mid_block", **common)(x, emb, context)
 
         # diffusers forwards the skip's size to the upsamplers when H or W is not a multiple of 2**(n-1).
         forward_size = any(d % 2 ** (n - 1) for d in sample.shape[2:])
@@ -566,6 +577,23 @@ class UNet2DConditionModel(nn.Module):
         x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(x))
         x = conv2d(cfg.out_channels, cfg.conv_out_kernel, self.dtype, "conv_out")(x)
         return jnp.transpose(x, (0, 3, 1, 2))
+
+    def _down_and_mid(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        """The down blocks and the mid block on ``conv_in``'s output `x` (NHWC): the mid block's output and the
+        skip connections (``conv_in``'s output first). Shared with the ControlNet, which is this encoder half."""
+        cfg = self.config
+        n = len(cfg.block_out_channels)
+        layers = cfg.per_block("layers_per_block")
+        common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, dtype=self.dtype)
+        skips = [x]
+        for i in range(n):
+            x, res = DownBlock(cfg.block_out_channels[i], layers[i], self._attn_spec("down", i), i < n - 1,
+                               downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}", **common)(
+                x, temb, context)
+            skips += res
+        x = MidBlock(self._attn_spec("mid", 0), output_scale_factor=cfg.mid_block_scale_factor,
+                     name="mid_block", **common)(x, temb, context)
+        return x, skips
 
     def _attn_spec(self, where: str, i: int) -> _AttnSpec | None:
         """Transformer settings of down block `i`, up block `i` or the mid block; None for plain blocks."""

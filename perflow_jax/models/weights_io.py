@@ -39,7 +39,7 @@ __all__ = [
 
 FLAX_WEIGHTS = "flax_model.msgpack"
 _REMAP_BYTES = 256 * 2**20
-_PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # diffusers pickles its weights under the safetensors stem; transformers as pytorch_model.bin
 _PICKLE_STEMS = {"model": ("model", "pytorch_model")}
 

@@ -1,6 +1,8 @@
-"""Text-to-image and img2img pipelines (SD1.x, SD2.x, SDXL) with PeRFlow, and the SD ×2 latent upscaler, in named
-stages, jitted and sharded."""
+"""Text-to-image and img2img pipelines (SD1.x, SD2.x, SDXL) with PeRFlow, in named stages, jitted and sharded;
+with ControlNets and the PeRFlow-Refiner in :mod:`perflow_jax.pipelines.controlnet` and the SD ×2 latent upscaler
+in :mod:`perflow_jax.pipelines.upscale`."""
 
+from perflow_jax.pipelines.controlnet import StableDiffusionControlNetPipeline
 from perflow_jax.pipelines.defaults import FAMILY_DEFAULTS, model_family
 from perflow_jax.pipelines.stable_diffusion import (
     GenerationInputs,
@@ -14,5 +16,5 @@ from perflow_jax.pipelines.stable_diffusion import (
 from perflow_jax.pipelines.upscale import LatentUpscalePipeline, load_upscaler_components
 
 __all__ = ["FAMILY_DEFAULTS", "GenerationInputs", "GenerationRequest", "GenerationSpec", "GenerationStats",
-           "LatentUpscalePipeline", "StableDiffusionPipeline", "load_components", "load_upscaler_components",
-           "make_scheduler", "model_family"]
+           "LatentUpscalePipeline", "StableDiffusionControlNetPipeline", "StableDiffusionPipeline", "load_components",
+           "load_upscaler_components", "make_scheduler", "model_family"]

@@ -49,13 +49,13 @@ from jax.sharding import Mesh
 from perflow_jax import delta as delta_lib
 from perflow_jax import sampling, schedulers, sharding, values
 from perflow_jax.lora import load_lora, merge_loras
-from perflow_jax.models import adapter
+from perflow_jax.models import adapter, vae_tiling
 from perflow_jax.models.adapter import UNetCondition
 from perflow_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from perflow_jax.models.components import PipelineComponents, load_pipeline_components
 from perflow_jax.models.single_file import load_single_file
 from perflow_jax.models.unet import UNet2DConditionModel
-from perflow_jax.models.vae import AutoencoderKL, scale_latents, unscale_latents
+from perflow_jax.models.vae import AutoencoderKL, LatentDistribution, scale_latents, unscale_latents
 from perflow_jax.pipelines.defaults import FAMILY_DEFAULTS, model_family, perflow_config_dict
 
 OUTPUT_TYPES = ("uint8", "float", "latent")  # "latent": the final UNet latents, not decoded
@@ -126,7 +126,8 @@ class GenerationRequest(NamedTuple):
       spec: the static part (the compiled program's key).
       inputs: batched global arrays, sharded over the mesh's data axis and padded to ``spec.batch``.
       seed: uint32 scalar, replicated.
-      guidance_scale: float32 scalar, replicated.
+      guidance_scale: float32 scalar, replicated (a pipeline built on this one may carry a pytree of replicated
+        scalars here that its :meth:`~StableDiffusionPipeline.program` reads, e.g. the ControlNet scales).
       num_images: rows before padding (the images returned).
     """
 
@@ -164,7 +165,8 @@ class StableDiffusionPipeline:
 
     def __init__(self, components: PipelineComponents, scheduler: schedulers.Scheduler, *,
                  dtype: Any = jnp.float32, mesh: Mesh | None = None, decode_chunk_size: int | None = None,
-                 attention_implementation: str | None = None, attention_chunk_size: int | None = None):
+                 attention_implementation: str | None = None, attention_chunk_size: int | None = None,
+                 vae_tile_size: int | None = None):
         c = components
         self.scheduler = scheduler
         self.family = model_family(c)
@@ -188,6 +190,12 @@ class StableDiffusionPipeline:
             lambda a: sharding.global_array(np.asarray(a, self.dtype), self._replicated), params)
         self.components = self._own_components(c)
         self.vae_scale_factor = 2 ** (len(c.vae_config.block_out_channels) - 1)
+        if vae_tile_size is not None:
+            values.check_int("vae_tile_size", vae_tile_size, min_value=4 * self.vae_scale_factor)
+            if vae_tile_size % (4 * self.vae_scale_factor):
+                raise ValueError(f"vae_tile_size must be a multiple of {4 * self.vae_scale_factor} pixels (4 latents), "
+                                 f"got {vae_tile_size}.")
+        self.vae_tile_size = vae_tile_size
         self.force_zeros_for_empty_prompt = bool(c.model_index.get("force_zeros_for_empty_prompt", True))
         self._states: dict[tuple, Any] = {}
         self._compiled: dict[GenerationSpec, Any] = {}
@@ -222,7 +230,8 @@ class StableDiffusionPipeline:
           variant: weights variant such as ``"fp16"``.
           allow_pickle: allow ``.bin`` PyTorch pickles (needs torch; only for files you trust).
           local_files_only: never download (as ``HF_HUB_OFFLINE=1``): repo ids must be in the local cache.
-          kwargs: passed to the constructor (mesh, decode_chunk_size, attention options).
+          kwargs: passed to the constructor (mesh, decode_chunk_size, attention options, vae_tile_size: encode and
+            decode images larger than this many pixels in blended tiles, see :mod:`perflow_jax.models.vae_tiling`).
         """
         components = load_components(path_or_repo_id, base=base, delta=delta, delta_variant=delta_variant,
                                      delta_is_merged=delta_is_merged, delta_base=delta_base, loras=loras,
@@ -513,7 +522,8 @@ class StableDiffusionPipeline:
             return x
         chex.assert_shape(inputs.image, (shape[0], 3, spec.height, spec.width),
                           custom_message="inputs.image must be (B, 3, H, W)")
-        z0 = encode_images(self.vae, params["vae"], self.components.vae_config, inputs.image, keys)
+        z0 = encode_images(self.vae, params["vae"], self.components.vae_config, inputs.image, keys,
+                           tile=self._vae_tile_latents())
         t = jnp.full((shape[0],), state.timesteps[spec.start_step])
         return self.scheduler.add_noise(z0, x, t, state)
 
@@ -539,27 +549,56 @@ class StableDiffusionPipeline:
 
     def decode(self, params: Any, latents: jax.Array, output_type: str = "float") -> jax.Array:
         """UNet latents → NHWC images: float32 in [0, 1], or uint8 with ``output_type="uint8"``."""
-        return decode_latents(self.vae, params["vae"], self.components.vae_config, latents, output_type)
+        return decode_latents(self.vae, params["vae"], self.components.vae_config, latents, output_type,
+                              tile=self._vae_tile_latents())
+
+    def vae_encode(self, params: Any, images: jax.Array) -> LatentDistribution:
+        """VAE posterior of images (B, 3, H, W) in [-1, 1]; in blended tiles (:mod:`perflow_jax.models.vae_tiling`)
+        when the pipeline has a ``vae_tile_size`` smaller than the image."""
+        return vae_posterior(self.vae, params["vae"], images, self._vae_tile_latents())
+
+    def vae_decode(self, params: Any, latents: jax.Array) -> jax.Array:
+        """Unscaled latents → images in about [-1, 1]; tiled like :meth:`vae_encode`."""
+        return vae_pixels(self.vae, params["vae"], latents, self._vae_tile_latents())
+
+    def _vae_tile_latents(self) -> int | None:
+        return None if self.vae_tile_size is None else self.vae_tile_size // self.vae_scale_factor
 
 
-def encode_images(vae: AutoencoderKL, vae_params: Any, vae_config: Any, images: jax.Array, keys: jax.Array
-                  ) -> jax.Array:
+def vae_posterior(vae: AutoencoderKL, vae_params: Any, images: jax.Array, tile: int | None = None
+                  ) -> LatentDistribution:
+    """VAE posterior of images (B, 3, H, W) in [-1, 1]; in blended tiles of `tile` latents
+    (:mod:`perflow_jax.models.vae_tiling`) when `tile` is given and the image is larger than one tile."""
+    if tile is None or max(images.shape[2:]) <= tile * vae.config.downscale_factor:
+        return vae.apply({"params": vae_params}, images, method=AutoencoderKL.encode)
+    return vae_tiling.tiled_encode(vae, vae_params, images, tile, tile // 4)
+
+
+def vae_pixels(vae: AutoencoderKL, vae_params: Any, latents: jax.Array, tile: int | None = None) -> jax.Array:
+    """Unscaled latents (B, C, h, w) → images in about [-1, 1]; tiled like :func:`vae_posterior`."""
+    if tile is None or max(latents.shape[2:]) <= tile:
+        return vae.apply({"params": vae_params}, latents, method=AutoencoderKL.decode)
+    return vae_tiling.tiled_decode(vae, vae_params, latents, tile, tile // 4)
+
+
+def encode_images(vae: AutoencoderKL, vae_params: Any, vae_config: Any, images: jax.Array, keys: jax.Array,
+                  tile: int | None = None) -> jax.Array:
     """(B, 3, H, W) images in [0, 1] → scaled float32 UNet latents, each a sample of the VAE posterior drawn with
-    ``fold_in(keys[i], 1)`` (image i's key; see the module docstring)."""
-    dist = vae.apply({"params": vae_params}, images * 2.0 - 1.0, method=AutoencoderKL.encode)
+    ``fold_in(keys[i], 1)`` (image i's key; see the module docstring); tiled as :func:`vae_posterior`."""
+    dist = vae_posterior(vae, vae_params, images * 2.0 - 1.0, tile)
     enc_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
     z = jax.vmap(_sample_latent)(dist.mean, dist.logvar, enc_keys)
     return scale_latents(z.astype(jnp.float32), vae_config)
 
 
 def decode_latents(vae: AutoencoderKL, vae_params: Any, vae_config: Any, latents: jax.Array,
-                   output_type: str = "float") -> jax.Array:
+                   output_type: str = "float", tile: int | None = None) -> jax.Array:
     """Scaled UNet latents → NHWC images in `vae`'s dtype: float32 in [0, 1], or uint8 with
-    ``output_type="uint8"``."""
+    ``output_type="uint8"``; tiled as :func:`vae_pixels`."""
     if output_type not in IMAGE_TYPES:
         raise ValueError(f"decode output_type must be 'uint8' or 'float', got {output_type!r}.")
     z = unscale_latents(latents, vae_config).astype(vae.dtype)
-    image = vae.apply({"params": vae_params}, z, method=AutoencoderKL.decode)
+    image = vae_pixels(vae, vae_params, z, tile)
     image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
     return jnp.round(image * 255).astype(jnp.uint8) if output_type == "uint8" else image
 
@@ -652,18 +691,23 @@ def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([a, np.repeat(a[-1:], rows - len(a), axis=0)]) if rows > len(a) else a
 
 
-def _prepare_images(image: np.ndarray, n: int) -> np.ndarray:
-    """NHWC uint8/float [0, 1] image(s) → (n, 3, H, W) float32 in [0, 1]."""
+def _prepare_images(image: np.ndarray, n: int, what: str = "init image") -> np.ndarray:
+    """NHWC uint8/float [0, 1] image(s) → (n, 3, H, W) float32 in [0, 1]; errors name the image as `what`."""
     img = np.asarray(image)
     if img.ndim == 3:
         img = img[None]
     if img.ndim != 4 or img.shape[-1] != 3:
-        raise ValueError(f"init image must be (H, W, 3) or (B, H, W, 3) RGB, got shape {img.shape}.")
+        raise ValueError(f"{what} must be (H, W, 3) or (B, H, W, 3) RGB, got shape {img.shape}"
+                         f"{' (convert a grayscale or RGBA image to RGB first)' if img.ndim in (2, 4) else ''}.")
+    if img.dtype != np.uint8 and not np.issubdtype(img.dtype, np.floating):
+        raise ValueError(f"{what} must be uint8 or float in [0, 1], got dtype {img.dtype}.")
     img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
+    if not np.all(np.isfinite(img)):
+        raise ValueError(f"{what} has non-finite values (NaN or inf).")
     if img.shape[0] == 1:
         img = np.repeat(img, n, axis=0)
     if img.shape[0] != n:
-        raise ValueError(f"Got {img.shape[0]} init images for {n} outputs; pass one image or one per output.")
+        raise ValueError(f"Got {img.shape[0]} {what}s for {n} outputs; pass one image or one per output.")
     return img.transpose(0, 3, 1, 2)
 
 

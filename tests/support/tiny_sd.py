@@ -130,3 +130,16 @@ def make_tiny_pipeline(folder: str, family: str = "sd15", seed: int = 0, schedul
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return pipe
+
+
+def make_tiny_controlnet(folder: str, family: str = "sd15", seed: int = 10):
+    """A tiny random ControlNet for `family`'s tiny UNet (``ControlNetModel.from_unet`` with a two-level
+    conditioning embedding, i.e. control images at the tiny VAE's 2× latent size), every parameter perturbed
+    so the zero convs are not zero; saved with ``save_pretrained`` in `folder` and returned."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(_unet(family, seed), conditioning_embedding_out_channels=(8, 16))
+    net = _perturb(net, seed)
+    net.save_pretrained(folder)
+    return net
