@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from perflow_jax.models.clip_vision import (
     CLIPVisionConfig,
@@ -18,27 +17,11 @@ from perflow_jax.models.clip_vision import (
     read_image,
 )
 from perflow_jax.models.mismatch import ConversionError
+from tests.support.tiny_ip_adapter import save_tiny_encoder
 
 # float32 on both sides: only the accumulation order of matmuls and reductions differs (~1e-7 relative on O(1)
 # activations), so 1e-5 absolute catches any real math difference.
 ATOL = 1e-5
-
-
-def tiny_vision_config(**kw) -> transformers.CLIPVisionConfig:
-    base = dict(hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_layers=3, num_attention_heads=4,
-                image_size=32, patch_size=8, hidden_act="gelu")
-    return transformers.CLIPVisionConfig(**{**base, **kw})
-
-
-def save_tiny_encoder(folder: str, seed: int = 0, **kw) -> transformers.CLIPVisionModelWithProjection:
-    """A random ``CLIPVisionModelWithProjection`` (weights perturbed off their init) saved to `folder`."""
-    torch.manual_seed(seed)
-    model = transformers.CLIPVisionModelWithProjection(tiny_vision_config(**kw)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(folder)
-    return model
 
 
 @pytest.mark.parametrize("act", ["gelu", "quick_gelu"])

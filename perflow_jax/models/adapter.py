@@ -26,12 +26,17 @@ class UNetCondition(NamedTuple):
       text_embeds: SDXL's pooled text embedding (B, P).
       time_ids: SDXL's added time ids (B, 6), from :func:`sdxl_time_ids`.
       class_labels: (B,) integer labels for class-conditional UNets (``num_class_embeds``).
+      ip_tokens: (B, Li, cross_attention_dim) IP-Adapter image tokens (:mod:`perflow_jax.models.ip_adapter`);
+        the UNet params must carry the adapter's ``to_k_ip``/``to_v_ip`` layers.
+      ip_scale: (B,) float32 weight of the image tokens (traced; None means 1).
     """
 
     encoder_hidden_states: jax.Array | None = None
     text_embeds: jax.Array | None = None
     time_ids: jax.Array | None = None
     class_labels: jax.Array | None = None
+    ip_tokens: jax.Array | None = None
+    ip_scale: jax.Array | None = None
 
     @classmethod
     def from_mapping(cls, cond: Mapping[str, Any] | UNetCondition) -> UNetCondition:
@@ -80,8 +85,24 @@ def unet_apply(module: Any, params: Any, x: jax.Array, timesteps: jax.typing.Arr
         if cond.text_embeds is None or cond.time_ids is None:
             raise ValueError("An SDXL condition needs both text_embeds and time_ids.")
         added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
-    out = module.apply({"params": params}, x, t, context, added_cond_kwargs=added, class_labels=cond.class_labels)
+    image = {}
+    if cond.ip_tokens is not None:  # only then: a UNet without image tokens keeps its exact program
+        if not _has_ip_layers(params):
+            raise ValueError("The condition has IP-Adapter image tokens but the UNet params have no to_k_ip/"
+                             "to_v_ip layers; merge the adapter first (perflow_jax.models.ip_adapter).")
+        image = {"ip_tokens": cond.ip_tokens, "ip_scale": cond.ip_scale}
+    elif cond.ip_scale is not None:
+        raise ValueError("The condition has an ip_scale but no ip_tokens.")
+    out = module.apply({"params": params}, x, t, context, added_cond_kwargs=added, class_labels=cond.class_labels,
+                       **image)
     return out.astype(jnp.float32)
+
+
+def _has_ip_layers(params: Any) -> bool:
+    """Whether some transformer block's ``attn2`` carries IP-Adapter layers (searched depth-first, cheaply)."""
+    if not isinstance(params, Mapping):
+        return False
+    return "to_k_ip" in params or any(_has_ip_layers(v) for v in params.values())
 
 
 def unet_fn(module: Any, params: Any) -> ModelFn:
