@@ -170,17 +170,10 @@ def _cmd_sample_digits(args: argparse.Namespace) -> None:
 
 
 def _read_init_image(path: str) -> np.ndarray:
-    """An RGB image file as (H, W, 3) uint8; a missing or unreadable file is a CLIError."""
-    import numpy as np
-    from PIL import Image
+    """An RGB image file as (H, W, 3) uint8; a missing or unreadable file is a one-line ValueError."""
+    from perflow_jax.images import read_image
 
-    if not os.path.isfile(path):
-        raise CLIError(f"--init-image {path!r} does not exist.")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise CLIError(f"--init-image {path!r} is not an image file PIL can read ({type(e).__name__}: {e}).") from e
+    return read_image(path, "--init-image")
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from perflow_jax.images import read_image
 from perflow_jax.models.clip_vision import (
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     load_clip_vision_model,
     preprocess_images,
-    read_image,
 )
 from perflow_jax.models.mismatch import ConversionError
 from tests.support.tiny_ip_adapter import save_tiny_encoder
@@ -67,10 +67,10 @@ def test_preprocess_matches_clip_image_processor(shape):
 def test_read_image_errors_name_the_file(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(ValueError, match=r"Cannot read image .*broken\.png") as e:
-        read_image(bad)
+    with pytest.raises(ValueError, match=r"--ip-image .*broken\.png' is not an image file PIL can read") as e:
+        read_image(bad, "--ip-image")
     assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="Cannot read image"):
+    with pytest.raises(ValueError, match="image .*missing.png' does not exist"):
         read_image(tmp_path / "missing.png")
 
 

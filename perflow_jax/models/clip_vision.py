@@ -38,7 +38,6 @@ __all__ = [
     "clip_vision_param_shapes",
     "load_clip_vision_model",
     "preprocess_images",
-    "read_image",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (CLIPImageProcessor's default)
@@ -215,19 +214,6 @@ def load_clip_vision_model(folder: str | os.PathLike, dtype: Any = None, variant
 # ----------------------------------------------------------------------------------------------------------
 # Preprocessing (host side)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as RGB uint8 (H, W, 3); an unreadable file is a one-line ``ValueError`` naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = os.fspath(path)
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise ValueError(f"Cannot read image {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                         "pass a PNG/JPEG/WebP file.") from None
 
 
 def preprocess_images(images: np.ndarray | Sequence[np.ndarray], image_size: int = 224,
