@@ -82,6 +82,13 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-image", default=None, help="img2img: an RGB image file")
     s.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.6)")
     s.add_argument("--decode-chunk-size", type=_positive_int, default=None, help="VAE decode chunk (memory)")
+    s.add_argument("--ip-adapter", default=None, metavar="FILE",
+                   help="IP-Adapter or IP-Adapter Plus weights (ip-adapter*.safetensors) for an image prompt")
+    s.add_argument("--ip-image", default=None, metavar="FILE", help="the image prompt (with --ip-adapter)")
+    s.add_argument("--ip-scale", type=float, default=None, help="weight of the image prompt (default 1.0)")
+    s.add_argument("--image-encoder", default=None, metavar="DIR",
+                   help="the CLIP image encoder folder (default: the model's image_encoder/, else the one next to "
+                        "the --ip-adapter file)")
     s.add_argument("--out", required=True,
                    help="output folder for PNGs and grid.png; a rerun replaces the images perflow-jax wrote there "
                         "and touches no other file")
@@ -124,11 +131,13 @@ def _cmd_sample_digits(args: argparse.Namespace) -> None:
     from perflow_jax.images import GRID, GRID_MAX_IMAGES, OutputFolder
     from perflow_jax.pipelines.digits import DEFAULT_MAX_BATCH, DigitsPipeline, save_grid
 
-    if args.delta or args.lora or args.base or args.init_image:
-        raise CLIError("--delta, --lora, --base and --init-image apply to Stable Diffusion models, not 'digits'.")
+    if args.delta or args.lora or args.base or args.init_image or args.ip_adapter or args.ip_image:
+        raise CLIError("--delta, --lora, --base, --init-image and --ip-adapter/--ip-image apply to Stable Diffusion "
+                       "models, not 'digits'.")
     unused = [flag for flag, value in (("--negative-prompt", args.negative_prompt), ("--height", args.height),
                                        ("--width", args.width), ("--dtype", args.dtype), ("--variant", args.variant),
-                                       ("--strength", args.strength), ("--decode-chunk-size", args.decode_chunk_size))
+                                       ("--strength", args.strength), ("--decode-chunk-size", args.decode_chunk_size),
+                                       ("--ip-scale", args.ip_scale), ("--image-encoder", args.image_encoder))
               if value is not None]
     if unused:
         raise CLIError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by the built-in digits "
@@ -176,6 +185,27 @@ def _read_init_image(path: str) -> np.ndarray:
     return read_image(path, "--init-image")
 
 
+def _read_ip_image(args: argparse.Namespace) -> np.ndarray | None:
+    """The --ip-image (read before any work), after checking the image-prompt flags go together."""
+    if (args.ip_adapter is None) != (args.ip_image is None):
+        raise CLIError("--ip-adapter and --ip-image go together: pass the adapter file and the image prompt.")
+    if args.ip_adapter is None:
+        flags = (("--ip-scale", args.ip_scale), ("--image-encoder", args.image_encoder))
+        unused = [f for f, v in flags if v is not None]
+        if unused:
+            raise CLIError(f"{' and '.join(unused)} apply to image prompts; pass --ip-adapter and --ip-image too.")
+        return None
+    if not os.path.isfile(args.ip_adapter):
+        raise CLIError(f"--ip-adapter {args.ip_adapter!r} does not exist.")
+    if args.ip_scale is not None:
+        from perflow_jax.values import check_float
+
+        check_float("--ip-scale", args.ip_scale)
+    from perflow_jax.images import read_image
+
+    return read_image(args.ip_image, "--ip-image")
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
     if args.model in DIGITS_MODELS:
         return _cmd_sample_digits(args)
@@ -196,11 +226,12 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         init_image = _read_init_image(args.init_image)
     elif args.strength is not None:
         raise CLIError("--strength applies to img2img only; pass --init-image too, or leave --strength out.")
+    ip_image = _read_ip_image(args)
     t0 = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(
         args.model, base=args.base, delta=args.delta, loras=args.lora, scheduler=args.scheduler or "perflow",
         dtype=getattr(jnp, DTYPES[args.dtype or "fp32"]), variant=args.variant,
-        decode_chunk_size=args.decode_chunk_size)
+        decode_chunk_size=args.decode_chunk_size, ip_adapter=args.ip_adapter, image_encoder=args.image_encoder)
     print(f"loaded {args.model} ({pipe.family}, scheduler {pipe.scheduler.name}) in {time.perf_counter() - t0:.1f}s")
 
     # With --batch-size, batch b uses seed + b (as always). By default the batches hold what fits the memory
@@ -214,7 +245,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         chunk = [args.prompt[i // args.num_images] for i in range(start, min(start + bs, n))]
         seed, first = ((args.seed + b) % 2**32, 0) if explicit else (args.seed, start)
         kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, seed=seed, first_index=first)
+                  guidance_scale=args.guidance, seed=seed, first_index=first, ip_adapter_image=ip_image,
+                  ip_adapter_scale=1.0 if args.ip_scale is None else args.ip_scale)
         if init_image is not None:
             images = pipe.img2img(chunk, init_image, strength=strength, **kw)
         else:

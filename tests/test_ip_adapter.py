@@ -9,6 +9,7 @@ steps through the tiny VAE amplify float32 rounding; still far below one 8-bit l
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -168,3 +169,103 @@ def test_images_match_diffusers(tiny, family: str, kind: str) -> None:
     assert pipe.stats.num_compiled == compiled
     plain = pipe(["a cat"], latents=LATENTS, output_type="float", **kw)
     assert _max_diff(off, plain) < 1e-6 and _max_diff(ours, plain) > 1e-2
+
+
+def test_cli_sample_with_an_image_prompt(tiny, tmp_path, capsys) -> None:
+    """``perflow-jax sample --ip-adapter FILE --ip-image FILE --ip-scale S``; the image encoder is found next to
+    the adapter file (the released repos' layout), and the PNGs are written."""
+    from PIL import Image
+
+    from perflow_jax.cli import main
+
+    m = tiny("sd15")
+    Image.fromarray(IP_IMAGE).save(tmp_path / "prompt.png")
+    out = tmp_path / "out"
+    argv = ["--no-cache", "sample", "--model", m.folder, "--prompt", "a cat", "--num-images", "1", "--steps", "2",
+            "--scheduler", "ddim", "--height", "32", "--width", "32", "--ip-adapter", m.files["ip-adapter"],
+            "--ip-image", str(tmp_path / "prompt.png"), "--ip-scale", "0.5", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (out / "image_0000.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input: one-line errors
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _one_line_error(fn, match: str, error=ValueError) -> None:
+    with pytest.raises(error, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value), str(e.value)
+
+
+def test_adapters_that_do_not_fit_the_unet_are_refused(tiny, tmp_path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    from perflow_jax.models.unet import UNetConfig
+
+    sd15, sdxl = tiny("sd15"), tiny("sdxl")
+    config = UNetConfig.from_json(os.path.join(sd15.folder, "unet"))
+    _one_line_error(lambda: load_ip_adapter(sdxl.files["ip-adapter"], config),
+                    r"image tokens are 64 wide but the UNet's cross_attention_dim is 32")
+    sd = load_file(sd15.files["plus"])
+    fewer = {k: v for k, v in sd.items() if not k.startswith("ip_adapter.3.")}
+    save_file(fewer, str(tmp_path / "fewer.safetensors"))
+    _one_line_error(lambda: load_ip_adapter(tmp_path / "fewer.safetensors", config),
+                    r"has 3 cross-attention layers but the UNet has 4 \(missing ip_adapter.\{3\}\)")
+    wide = dict(sd, **{"ip_adapter.1.to_k_ip.weight": np.zeros((48, 32), np.float32)})
+    save_file(wide, str(tmp_path / "wide.safetensors"))
+    _one_line_error(lambda: load_ip_adapter(tmp_path / "wide.safetensors", config),
+                    r"ip_adapter.1.to_k_ip.weight has shape \(48, 32\) but the UNet's .*attn2 needs \(32, 32\)")
+    unet_file = os.path.join(sd15.folder, "unet", "diffusion_pytorch_model.safetensors")
+    _one_line_error(lambda: load_ip_adapter(unet_file, config), "not an IP-Adapter file")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 10)
+    _one_line_error(lambda: load_ip_adapter(broken, config), "broken.safetensors")
+
+
+def test_pipeline_bad_image_prompts(tiny, tmp_path) -> None:
+    m = tiny("sd15")
+    other_encoder = str(tmp_path / "image_encoder")
+    save_tiny_encoder(other_encoder, projection_dim=20)
+    _one_line_error(lambda: StableDiffusionPipeline.from_pretrained(m.folder, ip_adapter=m.files["ip-adapter"],
+                                                                    image_encoder=other_encoder),
+        r"reads 24-wide image features but the image encoder .* gives 20 \(projection_dim\)")
+    pipe = _pipe(m, "ip-adapter")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    _one_line_error(lambda: pipe.build_request("a cat", ip_adapter_image=str(bad)),
+                    r"ip_adapter_image '.*broken.png' is not an image file PIL can read")
+    _one_line_error(lambda: pipe.build_request("a cat", ip_adapter_image=str(tmp_path / "none.png")),
+                    r"ip_adapter_image '.*none.png' does not exist")
+    _one_line_error(lambda: pipe.build_request(["a", "b", "c"], ip_adapter_image=[IP_IMAGE, IP_IMAGE]),
+                    r"Got 2 ip_adapter_image\(s\) for 3 prompts")
+    _one_line_error(lambda: pipe.build_request("a cat", ip_adapter_image=IP_IMAGE, ip_adapter_scale=float("nan")),
+                    "ip_adapter_scale must be a finite number")
+    plain = StableDiffusionPipeline.from_pretrained(m.folder)
+    _one_line_error(lambda: plain.build_request("a cat", ip_adapter_image=IP_IMAGE),
+                    r"ip_adapter_image needs an IP-Adapter")
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    (("--ip-image", "{img}"), "--ip-adapter and --ip-image go together"),
+    (("--ip-scale", "0.5"), "--ip-scale apply to image prompts"),
+    (("--ip-adapter", "{adapter}", "--ip-image", "{bad}"), r"--ip-image '.*bad.png' is not an image file"),
+    (("--ip-adapter", "{tmp}/missing.safetensors", "--ip-image", "{img}"), "--ip-adapter .* does not exist"),
+])
+def test_cli_bad_image_prompt_flags(tiny, tmp_path, capsys, extra, match) -> None:
+    from PIL import Image
+
+    from perflow_jax.cli import main
+
+    m = tiny("sd15")
+    Image.fromarray(IP_IMAGE).save(tmp_path / "img.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    fill = dict(img=str(tmp_path / "img.png"), bad=str(tmp_path / "bad.png"), adapter=m.files["ip-adapter"],
+                tmp=str(tmp_path))
+    argv = ["--no-cache", "sample", "--model", m.folder, "--prompt", "a cat", "--out", str(tmp_path / "out"),
+            *(a.format(**fill) for a in extra)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(match, err), err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

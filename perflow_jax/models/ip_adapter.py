@@ -272,9 +272,11 @@ def _unet_ip_params(ip_sd: Mapping[str, np.ndarray], unet_config: UNetConfig, pa
     numbers = sorted({int(k.split(".")[0]) for k in ip_sd})
     want = [2 * k + 1 for k in range(len(attn2))]
     if numbers != want:
-        raise ValueError(f"{path}: the adapter has {len(numbers)} cross-attention layers (ip_adapter.{numbers[0]}"
-                         f"..{numbers[-1]}) but the UNet has {len(attn2)} (ip_adapter.1..{want[-1]}); use the adapter "
-                         "made for this model.")
+        missing, extra = sorted(set(want) - set(numbers))[:3], sorted(set(numbers) - set(want))[:3]
+        detail = "; ".join(f"{what} ip_adapter.{{{', '.join(map(str, ns))}{', ...' if len(ns) == 3 else ''}}}"
+                           for what, ns in (("missing", missing), ("unexpected", extra)) if ns)
+        raise ValueError(f"{path}: the adapter has {len(numbers)} cross-attention layers but the UNet has "
+                         f"{len(attn2)} ({detail}); use the adapter made for this model.")
     flat = {}
     for k, attn in enumerate(attn2):
         for name in IP_ATTENTION_NAMES:
