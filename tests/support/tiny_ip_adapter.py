@@ -17,11 +17,11 @@ def save_tiny_encoder(folder: str, seed: int = 0, **kw):
     import torch
     import transformers
 
+    from tests.support.tiny_sd import _perturb  # the same off-init perturbation as the tiny SD models
+
     torch.manual_seed(seed)
-    model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**{**ENCODER, **kw})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    config = transformers.CLIPVisionConfig(**{**ENCODER, **kw})
+    model = _perturb(transformers.CLIPVisionModelWithProjection(config), seed)
     model.save_pretrained(folder)
     return model
 
