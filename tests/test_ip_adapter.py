@@ -141,7 +141,11 @@ def _pipe(m: Tiny, kind: str, **kw) -> StableDiffusionPipeline:
                                                    image_encoder=m.encoder_dir, **kw)
 
 
-@pytest.mark.parametrize(("family", "kind"), [("sd15", "plus"), ("sdxl", "ip-adapter")])
+@pytest.mark.parametrize(("family", "kind"), [
+    pytest.param("sd15", "plus", marks=pytest.mark.slow(
+        reason="loads a ΔW, compiles the image-prompt and the plain SD1.5 programs, runs diffusers' pipeline")),
+    ("sdxl", "ip-adapter"),
+])
 def test_images_match_diffusers(tiny, tmp_path, family: str, kind: str) -> None:
     """The whole image-prompt path (preprocessing, image encoder, projection, CFG with diffusers' unconditional
     image tokens, decoupled attention) against diffusers' pipeline: DDIM, CFG 3.0, scale 0.6, same latents.
@@ -241,13 +245,20 @@ def test_adapters_that_do_not_fit_the_unet_are_refused(tiny, tmp_path) -> None:
 
 
 def test_pipeline_bad_image_prompts(tiny, tmp_path) -> None:
+    """One pipeline: an image prompt before any adapter, an adapter whose encoder does not fit (nothing changes),
+    then ``load_ip_adapter`` finding the encoder next to the file, then bad images and scales."""
     m = tiny("sd15")
+    pipe = StableDiffusionPipeline.from_pretrained(m.folder)
+    _one_line_error(lambda: pipe.build_request("a cat", ip_adapter_image=IP_IMAGE),
+                    r"ip_adapter_image needs an IP-Adapter")
     other_encoder = str(tmp_path / "image_encoder")
     save_tiny_encoder(other_encoder, projection_dim=20)
-    _one_line_error(lambda: StableDiffusionPipeline.from_pretrained(m.folder, ip_adapter=m.files["ip-adapter"],
-                                                                    image_encoder=other_encoder),
-        r"reads 24-wide image features but the image encoder .* gives 20 \(projection_dim\)")
-    pipe = _pipe(m, "ip-adapter")
+    unet_params = pipe.params["unet"]
+    _one_line_error(lambda: pipe.load_ip_adapter(m.files["ip-adapter"], image_encoder=other_encoder),
+                    r"reads 24-wide image features but the image encoder .* gives 20 \(projection_dim\)")
+    assert pipe.image_prompt is None and pipe.params["unet"] is unet_params
+    pipe.load_ip_adapter(m.files["ip-adapter"])
+    assert pipe.image_prompt.encoder_path == m.encoder_dir and pipe.image_prompt.adapter.kind == "ip-adapter"
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     _one_line_error(lambda: pipe.build_request("a cat", ip_adapter_image=str(bad)),
@@ -258,9 +269,10 @@ def test_pipeline_bad_image_prompts(tiny, tmp_path) -> None:
                     r"Got 2 ip_adapter_image\(s\) for 3 prompts")
     _one_line_error(lambda: pipe.build_request("a cat", ip_adapter_image=IP_IMAGE, ip_adapter_scale=float("nan")),
                     "ip_adapter_scale must be a finite number")
-    plain = StableDiffusionPipeline.from_pretrained(m.folder)
-    _one_line_error(lambda: plain.build_request("a cat", ip_adapter_image=IP_IMAGE),
-                    r"ip_adapter_image needs an IP-Adapter")
+    req = pipe.build_request(["a", "b"], ip_adapter_image=[IP_IMAGE, IP_IMAGE[::-1]], ip_adapter_scale=0.3,
+                             num_images_per_prompt=2)
+    assert req.spec.ip_adapter and req.inputs.ip_image.shape == (4, 3, 32, 32)
+    np.testing.assert_array_equal(np.asarray(req.inputs.ip_scale), np.full((4,), 0.3, np.float32))
 
 
 @pytest.mark.parametrize(("extra", "match"), [
