@@ -192,20 +192,23 @@ def test_images_match_diffusers(tiny, tmp_path, family: str, kind: str) -> None:
 
 
 def test_cli_sample_with_an_image_prompt(tiny, tmp_path, capsys) -> None:
-    """``perflow-jax sample --ip-adapter FILE --ip-image FILE --ip-scale S``; the image encoder is found next to
-    the adapter file (the released repos' layout), and the PNGs are written."""
+    """``perflow-jax sample --ip-adapter FILE --ip-image FILE --ip-scale S`` in img2img (the pipeline tests cover
+    text-to-image); the image encoder is found next to the adapter file (the released repos' layout)."""
     from PIL import Image
 
     from perflow_jax.cli import main
 
     m = tiny("sd15")
     Image.fromarray(IP_IMAGE).save(tmp_path / "prompt.png")
+    Image.fromarray(IP_IMAGE[:32, :32]).save(tmp_path / "init.png")
     out = tmp_path / "out"
     argv = ["--no-cache", "sample", "--model", m.folder, "--prompt", "a cat", "--num-images", "1", "--steps", "2",
-            "--scheduler", "ddim", "--height", "32", "--width", "32", "--ip-adapter", m.files["ip-adapter"],
-            "--ip-image", str(tmp_path / "prompt.png"), "--ip-scale", "0.5", "--out", str(out)]
+            "--scheduler", "ddim", "--ip-adapter", m.files["ip-adapter"],
+            "--ip-image", str(tmp_path / "prompt.png"), "--ip-scale", "0.5", "--init-image",
+            str(tmp_path / "init.png"), "--strength", "0.5", "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
-    assert (out / "image_0000.png").is_file()
+    with Image.open(out / "image_0000.png") as im:
+        assert im.size == (32, 32)
 
 
 # --------------------------------------------------------------------------------------------------------------
