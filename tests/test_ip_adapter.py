@@ -141,11 +141,7 @@ def _pipe(m: Tiny, kind: str, **kw) -> StableDiffusionPipeline:
                                                    image_encoder=m.encoder_dir, **kw)
 
 
-@pytest.mark.parametrize(("family", "kind"), [
-    pytest.param("sd15", "plus", marks=pytest.mark.slow(
-        reason="loads a ΔW, compiles the image-prompt and the plain SD1.5 programs, runs diffusers' pipeline")),
-    ("sdxl", "ip-adapter"),
-])
+@pytest.mark.parametrize(("family", "kind"), [("sd15", "plus"), ("sdxl", "ip-adapter")])
 def test_images_match_diffusers(tiny, tmp_path, family: str, kind: str) -> None:
     """The whole image-prompt path (preprocessing, image encoder, projection, CFG with diffusers' unconditional
     image tokens, decoupled attention) against diffusers' pipeline: DDIM, CFG 3.0, scale 0.6, same latents.
