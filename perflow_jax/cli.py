@@ -122,6 +122,13 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refine-strength", type=float, default=None, help="refiner img2img strength (default 1.0)")
     s.add_argument("--vae-tile-size", type=_positive_int, default=None, metavar="PIXELS",
                    help="encode/decode larger images in blended VAE tiles of this size (e.g. 512 for 2048² images)")
+    s.add_argument("--ip-adapter", default=None, metavar="FILE",
+                   help="IP-Adapter or IP-Adapter Plus weights (ip-adapter*.safetensors) for an image prompt")
+    s.add_argument("--ip-image", default=None, metavar="FILE", help="the image prompt (with --ip-adapter)")
+    s.add_argument("--ip-scale", type=float, default=None, help="weight of the image prompt (default 1.0)")
+    s.add_argument("--image-encoder", default=None, metavar="DIR",
+                   help="the CLIP image encoder folder (default: the model's image_encoder/, else the one next to "
+                        "the --ip-adapter file)")
     s.add_argument("--out", required=True,
                    help="output folder for PNGs and grid.png; a rerun replaces the images perflow-jax wrote there "
                         "and touches no other file")
@@ -180,14 +187,17 @@ def _cmd_sample_digits(args: argparse.Namespace) -> None:
 
     if (args.delta or args.lora or args.base or args.init_image or args.upscale or args.upscaler
             or any(_delta_options(args).values()) or args.controlnet or args.control_image
-            or args.refine is not None or args.refine_controlnet or args.guess_mode):
-        raise CLIError("--delta (and its options), --lora, --base, --init-image, --upscale, --upscaler and the "
-                       "ControlNet/refiner options apply to Stable Diffusion models, not 'digits'.")
+            or args.refine is not None or args.refine_controlnet or args.guess_mode or args.ip_adapter
+            or args.ip_image):
+        raise CLIError("--delta (and its options), --lora, --base, --init-image, --upscale, --upscaler, "
+                       "--ip-adapter/--ip-image and the ControlNet/refiner options apply to Stable Diffusion models, "
+                       "not 'digits'.")
     unused = [flag for flag, value in (("--negative-prompt", args.negative_prompt), ("--height", args.height),
                                        ("--width", args.width), ("--dtype", args.dtype), ("--variant", args.variant),
                                        ("--strength", args.strength), ("--decode-chunk-size", args.decode_chunk_size),
                                        ("--vae-tile-size", args.vae_tile_size),
-                                       ("--refine-strength", args.refine_strength))
+                                       ("--refine-strength", args.refine_strength),
+                                       ("--ip-scale", args.ip_scale), ("--image-encoder", args.image_encoder))
               if value is not None]
     if unused:
         raise CLIError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by the built-in digits "
@@ -229,17 +239,10 @@ def _cmd_sample_digits(args: argparse.Namespace) -> None:
 
 
 def _read_init_image(path: str, flag: str = "--init-image") -> np.ndarray:
-    """An RGB image file as (H, W, 3) uint8; a missing or unreadable file is a CLIError naming `flag`."""
-    import numpy as np
-    from PIL import Image
+    """An RGB image file as (H, W, 3) uint8; a missing or unreadable file is a one-line ValueError naming `flag`."""
+    from perflow_jax.images import read_image
 
-    if not os.path.isfile(path):
-        raise CLIError(f"{flag} {path!r} does not exist.")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise CLIError(f"{flag} {path!r} is not an image file PIL can read ({type(e).__name__}: {e}).") from e
+    return read_image(path, flag)
 
 
 def _check_control_args(args: argparse.Namespace) -> None:
@@ -296,6 +299,27 @@ def _load_upscaler(args: argparse.Namespace, pipe: Any) -> Any:
     return up
 
 
+def _read_ip_image(args: argparse.Namespace) -> np.ndarray | None:
+    """The --ip-image (read before any work), after checking the image-prompt flags go together."""
+    if (args.ip_adapter is None) != (args.ip_image is None):
+        raise CLIError("--ip-adapter and --ip-image go together: pass the adapter file and the image prompt.")
+    if args.ip_adapter is None:
+        flags = (("--ip-scale", args.ip_scale), ("--image-encoder", args.image_encoder))
+        unused = [f for f, v in flags if v is not None]
+        if unused:
+            raise CLIError(f"{' and '.join(unused)} apply to image prompts; pass --ip-adapter and --ip-image too.")
+        return None
+    if not os.path.isfile(args.ip_adapter):
+        raise CLIError(f"--ip-adapter {args.ip_adapter!r} does not exist.")
+    if args.ip_scale is not None:
+        from perflow_jax.values import check_float
+
+        check_float("--ip-scale", args.ip_scale)
+    from perflow_jax.images import read_image
+
+    return read_image(args.ip_image, "--ip-image")
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
     if args.model in DIGITS_MODELS:
         return _cmd_sample_digits(args)
@@ -319,10 +343,12 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         init_image = _read_init_image(args.init_image)
     elif args.strength is not None:
         raise CLIError("--strength applies to img2img only; pass --init-image too, or leave --strength out.")
+    ip_image = _read_ip_image(args)
     t0 = time.perf_counter()
     options = dict(base=args.base, delta=args.delta, **_delta_options(args), loras=args.lora,
                    scheduler=args.scheduler or "perflow", dtype=getattr(jnp, DTYPES[args.dtype or "fp32"]),
-                   variant=args.variant, decode_chunk_size=args.decode_chunk_size, vae_tile_size=args.vae_tile_size)
+                   variant=args.variant, decode_chunk_size=args.decode_chunk_size, vae_tile_size=args.vae_tile_size,
+                   ip_adapter=args.ip_adapter, image_encoder=args.image_encoder)
     control: dict = {}
     if args.controlnet:
         pipe = StableDiffusionControlNetPipeline.from_pretrained(
@@ -352,7 +378,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         seed, first = ((args.seed + b) % 2**32, 0) if explicit else (args.seed, start)
         kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, seed=seed, first_index=first,
-                  output_type="uint8" if up is None else "latent")
+                  output_type="uint8" if up is None else "latent", ip_adapter_image=ip_image,
+                  ip_adapter_scale=1.0 if args.ip_scale is None else args.ip_scale)
         if control:
             kw.update(control, control_image=control_images[0] if len(control_images) == 1 else control_images)
         if init_image is not None:

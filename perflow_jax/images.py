@@ -33,6 +33,22 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2, fill: 
     return grid[..., 0] if c == 1 else grid
 
 
+def read_image(path: str | os.PathLike, what: str = "image") -> np.ndarray:
+    """An image file as RGB uint8 (H, W, 3). A missing or unreadable file is a one-line ``ValueError`` naming
+    `what` (e.g. the CLI flag) and the path."""
+    from PIL import Image
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path!r} does not exist.")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{what} {path!r} is not an image file PIL can read ({type(e).__name__}: {detail}).") from None
+
+
 def save_png(image: np.ndarray, path: str | os.PathLike) -> str:
     """Write one uint8 image (H, W[, C]) as PNG via a temp file + rename, so no half-written file remains."""
     from PIL import Image

@@ -1,4 +1,5 @@
-"""Flax Stable Diffusion models (UNet, VAE, CLIP text encoders) and their loaders from PyTorch weights.
+"""Flax Stable Diffusion models (UNet, VAE, CLIP text and image encoders, IP-Adapter) and their loaders from
+PyTorch weights.
 
 Public layout is NCHW like diffusers; parameter names follow the former diffusers/transformers Flax classes.
 """
@@ -10,6 +11,13 @@ from perflow_jax.models.clip import (
     CLIPTextOutput,
     load_clip_text_model,
 )
+from perflow_jax.models.clip_vision import (
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    CLIPVisionOutput,
+    load_clip_vision_model,
+    preprocess_images,
+)
 from perflow_jax.models.components import (
     PipelineComponents,
     convert_to_flax,
@@ -18,6 +26,7 @@ from perflow_jax.models.components import (
 )
 from perflow_jax.models.controlnet import ControlNetConfig, ControlNetModel, load_controlnet
 from perflow_jax.models.convert import load_params, torch_to_flax
+from perflow_jax.models.ip_adapter import IPAdapter, IPAdapterConfig, load_ip_adapter, merge_ip_adapter
 from perflow_jax.models.mismatch import ConversionError
 from perflow_jax.models.unet import UNet2DConditionModel, UNetConfig, init_unet_params, load_unet
 from perflow_jax.models.vae import AutoencoderKL, VAEConfig, load_vae, scale_latents, unscale_latents
@@ -25,8 +34,10 @@ from perflow_jax.models.weights_io import load_state_dict
 
 __all__ = [
     "AutoencoderKL", "CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTextOutput",
-    "ControlNetConfig", "ControlNetModel", "ConversionError", "PipelineComponents", "UNet2DConditionModel",
-    "UNetConfig", "VAEConfig", "convert_to_flax", "init_unet_params", "load_clip_text_model", "load_controlnet",
-    "load_params", "load_pipeline_components", "load_state_dict", "load_tokenizer", "load_unet", "load_vae",
-    "scale_latents", "torch_to_flax", "unscale_latents",
+    "CLIPVisionConfig", "CLIPVisionModelWithProjection", "CLIPVisionOutput", "ControlNetConfig", "ControlNetModel",
+    "ConversionError", "IPAdapter", "IPAdapterConfig", "PipelineComponents", "UNet2DConditionModel", "UNetConfig",
+    "VAEConfig", "convert_to_flax", "init_unet_params", "load_clip_text_model", "load_clip_vision_model",
+    "load_controlnet", "load_ip_adapter", "load_params", "load_pipeline_components", "load_state_dict",
+    "load_tokenizer", "load_unet", "load_vae", "merge_ip_adapter", "preprocess_images", "scale_latents",
+    "torch_to_flax", "unscale_latents",
 ]

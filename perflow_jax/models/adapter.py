@@ -28,6 +28,9 @@ class UNetCondition(NamedTuple):
       class_labels: (B,) integer labels for class-conditional UNets (``num_class_embeds``).
       down_residuals: ControlNet residuals added to the UNet's skip connections, one (B, C, H, W) per skip.
       mid_residual: ControlNet residual added to the mid block's output, (B, C, H, W).
+      ip_tokens: (B, Li, cross_attention_dim) IP-Adapter image tokens (:mod:`perflow_jax.models.ip_adapter`);
+        the UNet params must carry the adapter's ``to_k_ip``/``to_v_ip`` layers.
+      ip_scale: (B,) float32 weight of the image tokens (traced; None means 1).
     """
 
     encoder_hidden_states: jax.Array | None = None
@@ -36,6 +39,8 @@ class UNetCondition(NamedTuple):
     class_labels: jax.Array | None = None
     down_residuals: tuple[jax.Array, ...] | None = None
     mid_residual: jax.Array | None = None
+    ip_tokens: jax.Array | None = None
+    ip_scale: jax.Array | None = None
 
     @classmethod
     def from_mapping(cls, cond: Mapping[str, Any] | UNetCondition) -> UNetCondition:
@@ -88,14 +93,30 @@ def unet_apply(module: Any, params: Any, x: jax.Array, timesteps: jax.typing.Arr
     """Run a Flax UNet on `x` (B, C, H, W) at `timesteps` (scalar or (B,)) under `cond`; float32 output.
 
     `module` is a :class:`~perflow_jax.models.unet.UNet2DConditionModel` (its ``config.encoder_dim`` sizes
-    the zero token used when `cond` has no text). ControlNet residuals in `cond` are added to the UNet's skips.
+    the zero token used when `cond` has no text). ControlNet residuals in `cond` are added to the UNet's skips;
+    IP-Adapter image tokens go to the adapter's decoupled cross-attention.
     """
     cond = UNetCondition.from_mapping(cond)
     t, context, added = model_inputs(module, x, timesteps, cond)
+    image = {}
+    if cond.ip_tokens is not None:  # only then: a UNet without image tokens keeps its exact program
+        if not _has_ip_layers(params):
+            raise ValueError("The condition has IP-Adapter image tokens but the UNet params have no to_k_ip/"
+                             "to_v_ip layers; merge the adapter first (perflow_jax.models.ip_adapter).")
+        image = {"ip_tokens": cond.ip_tokens, "ip_scale": cond.ip_scale}
+    elif cond.ip_scale is not None:
+        raise ValueError("The condition has an ip_scale but no ip_tokens.")
     out = module.apply({"params": params}, x, t, context, added_cond_kwargs=added, class_labels=cond.class_labels,
                        down_block_additional_residuals=cond.down_residuals,
-                       mid_block_additional_residual=cond.mid_residual)
+                       mid_block_additional_residual=cond.mid_residual, **image)
     return out.astype(jnp.float32)
+
+
+def _has_ip_layers(params: Any) -> bool:
+    """Whether some transformer block's ``attn2`` carries IP-Adapter layers (searched depth-first, cheaply)."""
+    if not isinstance(params, Mapping):
+        return False
+    return "to_k_ip" in params or any(_has_ip_layers(v) for v in params.values())
 
 
 def unet_fn(module: Any, params: Any) -> ModelFn:

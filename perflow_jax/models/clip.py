@@ -210,8 +210,9 @@ def rename_clip_torch_key(key: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _layer_norm(config: CLIPTextConfig, name: str, param_dtype: jnp.dtype) -> nn.LayerNorm:
-    """Float32 LayerNorm with PyTorch's two-pass variance."""
+def layer_norm(config: Any, name: str, param_dtype: jnp.dtype) -> nn.LayerNorm:
+    """Float32 LayerNorm (eps ``config.layer_norm_eps``) with PyTorch's two-pass variance; shared with the vision
+    encoder (:mod:`perflow_jax.models.clip_vision`)."""
     return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32, param_dtype=param_dtype,
                         use_fast_variance=False, name=name)
 
@@ -236,8 +237,8 @@ class _TextTransformer(nn.Module):
                                     custom_message="attention_mask must have the shape of input_ids")
 
         hidden = _Embeddings(cfg, self.dtype, self.param_dtype, name="embeddings")(input_ids)
-        hidden_states = _Encoder(cfg, self.dtype, self.param_dtype, name="encoder")(hidden, attention_mask)
-        last = _layer_norm(cfg, "final_layer_norm", self.param_dtype)(hidden_states[-1]).astype(self.dtype)
+        hidden_states = Encoder(cfg, self.dtype, self.param_dtype, name="encoder")(hidden, attention_mask)
+        last = layer_norm(cfg, "final_layer_norm", self.param_dtype)(hidden_states[-1]).astype(self.dtype)
 
         if cfg.eos_token_id == LEGACY_EOS_TOKEN_ID:  # legacy rule: the EOS token has the highest id
             eos_pos = jnp.argmax(input_ids, axis=-1)
@@ -263,30 +264,40 @@ class _Embeddings(nn.Module):
         return token(input_ids) + position(positions)
 
 
-class _Encoder(nn.Module):
-    config: CLIPTextConfig
+class Encoder(nn.Module):
+    """The CLIP transformer encoder (pre-norm layers of attention and MLP), shared by the text encoder (causal)
+    and the vision encoder (``causal=False``). Returns the input, then each layer's output.
+
+    `config` is any CLIP config with ``hidden_size``, ``intermediate_size``, ``num_attention_heads``,
+    ``num_hidden_layers``, ``hidden_act`` and ``layer_norm_eps``.
+    """
+
+    config: Any
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    causal: bool = True
 
     @nn.compact
-    def __call__(self, hidden: jax.Array, attention_mask: jax.Array | None) -> tuple[jax.Array, ...]:
-        layers = _LayerCollection(self.config, self.dtype, self.param_dtype, name="layers")
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array | None = None) -> tuple[jax.Array, ...]:
+        layers = _LayerCollection(self.config, self.dtype, self.param_dtype, self.causal, name="layers")
         return layers(hidden, attention_mask)
 
 
 class _LayerCollection(nn.Module):
     """Holds layers named ``"0"``, ``"1"``, ... (so the param path is ``encoder/layers/0/...``)."""
 
-    config: CLIPTextConfig
+    config: Any
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    causal: bool = True
 
     @nn.compact
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array | None) -> tuple[jax.Array, ...]:
         seq_len = hidden.shape[1]
-        mask = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None, None]  # (1, 1, L, L) causal
+        mask = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None, None] if self.causal else None
         if attention_mask is not None:
-            mask = mask & (attention_mask > 0)[:, None, None, :]
+            padding = (attention_mask > 0)[:, None, None, :]
+            mask = padding if mask is None else mask & padding
         states = [hidden]
         for i in range(self.config.num_hidden_layers):
             hidden = _EncoderLayer(self.config, self.dtype, self.param_dtype, name=str(i))(hidden, mask)
@@ -295,26 +306,26 @@ class _LayerCollection(nn.Module):
 
 
 class _EncoderLayer(nn.Module):
-    config: CLIPTextConfig
+    config: Any
     dtype: jnp.dtype
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, hidden: jax.Array, mask: jax.Array | None) -> jax.Array:
         cfg = self.config
-        h = _layer_norm(cfg, "layer_norm1", self.param_dtype)(hidden).astype(self.dtype)
+        h = layer_norm(cfg, "layer_norm1", self.param_dtype)(hidden).astype(self.dtype)
         hidden = hidden + _Attention(cfg, self.dtype, self.param_dtype, name="self_attn")(h, mask)
-        h = _layer_norm(cfg, "layer_norm2", self.param_dtype)(hidden).astype(self.dtype)
+        h = layer_norm(cfg, "layer_norm2", self.param_dtype)(hidden).astype(self.dtype)
         return hidden + _MLP(cfg, self.dtype, self.param_dtype, name="mlp")(h)
 
 
 class _Attention(nn.Module):
-    config: CLIPTextConfig
+    config: Any
     dtype: jnp.dtype
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, hidden: jax.Array, mask: jax.Array | None) -> jax.Array:
         cfg = self.config
         heads = cfg.num_attention_heads
         b, l, d = hidden.shape
@@ -328,7 +339,7 @@ class _Attention(nn.Module):
 
 
 class _MLP(nn.Module):
-    config: CLIPTextConfig
+    config: Any
     dtype: jnp.dtype
     param_dtype: jnp.dtype
 

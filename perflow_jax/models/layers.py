@@ -24,6 +24,7 @@ Dtype = Any
 AttentionImpl = Literal["xla", "cudnn"] | None
 
 __all__ = [
+    "IP_ATTENTION_NAMES",
     "UNET_ATTENTION_NAMES",
     "VAE_ATTENTION_NAMES",
     "Attention",
@@ -296,6 +297,7 @@ def _attention_heads_first(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: f
 
 UNET_ATTENTION_NAMES = ("to_q", "to_k", "to_v", "to_out_0")  # former FlaxAttention (UNet transformer blocks)
 VAE_ATTENTION_NAMES = ("query", "key", "value", "proj_attn")  # former FlaxAttentionBlock (VAE mid block)
+IP_ATTENTION_NAMES = ("to_k_ip", "to_v_ip")  # IP-Adapter's decoupled cross-attention (image tokens)
 
 
 class Attention(nn.Module):
@@ -320,7 +322,11 @@ class Attention(nn.Module):
     norm_context: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None,
+                 ip: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """`ip` = (image tokens (B, Li, C_ctx), scale (B,)) adds IP-Adapter's decoupled cross-attention:
+        ``scale · attention(q, to_k_ip(tokens), to_v_ip(tokens))`` joins the output before ``to_out``. Without
+        it no ``*_ip`` param is created or read, so the program is the plain one."""
         context = x if context is None else context
         if self.norm_context:
             context = LayerNorm(name="norm_cross")(context)
@@ -333,5 +339,12 @@ class Attention(nn.Module):
         nq, nk, nv, no = self.param_names
         q, k, v = proj(nq, x), proj(nk, context), proj(nv, context)
         o = attention(q, k, v, implementation=self.implementation, chunk_size=self.chunk_size)
+        if ip is not None:
+            tokens, scale = ip
+            tokens = tokens.astype(self.dtype)
+            o_ip = attention(q, proj(IP_ATTENTION_NAMES[0], tokens), proj(IP_ATTENTION_NAMES[1], tokens),
+                             implementation=self.implementation, chunk_size=self.chunk_size)
+            scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32).reshape(-1), (o.shape[0],))
+            o = o + scale.astype(o.dtype)[:, None, None, None] * o_ip
         o = o.reshape(*o.shape[:-2], inner)
         return nn.Dense(x.shape[-1], dtype=self.dtype, name=no)(o)

@@ -16,7 +16,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import chex
 import flax.linen as nn
@@ -40,7 +40,7 @@ from perflow_jax.models.layers import (
 
 Dtype = Any
 
-__all__ = ["UNet2DConditionModel", "UNetConfig", "init_unet_params", "load_unet", "unet_param_shapes"]
+__all__ = ["ImageContext", "UNet2DConditionModel", "UNetConfig", "init_unet_params", "load_unet", "unet_param_shapes"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -314,6 +314,16 @@ class _AttnSpec:
     chunk_size: int | None
 
 
+class ImageContext(NamedTuple):
+    """The cross-attention context with IP-Adapter image tokens: blocks pass it through untouched and each
+    transformer block's ``attn2`` adds the decoupled image attention (:class:`~perflow_jax.models.layers.Attention`).
+    """
+
+    text: jax.Array  # (B, L, cross_attention_dim)
+    ip_tokens: jax.Array  # (B, Li, cross_attention_dim)
+    ip_scale: jax.Array  # (B,) float32, traced
+
+
 class GEGLU(nn.Module):
     """``proj`` to 2×features, split into (value, gate), ``value * gelu(gate)`` with exact (erf) GELU."""
 
@@ -353,8 +363,11 @@ class BasicTransformerBlock(nn.Module):
             return Attention(s.heads, dim // s.heads, dtype=self.dtype, implementation=s.implementation,
                              chunk_size=s.chunk_size, name=name)
 
+        ip = None
+        if isinstance(context, ImageContext):
+            context, ip = context.text, (context.ip_tokens, context.ip_scale)
         x = x + attn("attn1")(LayerNorm(name="norm1")(x), context if s.only_cross_attention else None)
-        x = x + attn("attn2")(LayerNorm(name="norm2")(x), context)
+        x = x + attn("attn2")(LayerNorm(name="norm2")(x), context, ip)
         return x + FeedForward(self.dtype, name="ff")(LayerNorm(name="norm3")(x))
 
 
@@ -518,6 +531,8 @@ class UNet2DConditionModel(nn.Module):
         train: bool = False,
         down_block_additional_residuals: tuple[jax.Array, ...] | None = None,
         mid_block_additional_residual: jax.Array | None = None,
+        ip_tokens: jax.Array | None = None,
+        ip_scale: jax.Array | float | None = None,
     ) -> jax.Array:
         """Predict the model output (noise, v, or velocity, depending on training) for a noisy ``sample``.
 
@@ -533,6 +548,9 @@ class UNet2DConditionModel(nn.Module):
           down_block_additional_residuals: ControlNet residuals ``(B, C_i, H_i, W_i)``, one per skip connection
             (``conv_in`` output first), added to the skips before the up blocks, as diffusers does.
           mid_block_additional_residual: ControlNet residual added to the mid block's output.
+          ip_tokens: IP-Adapter image tokens ``(B, Li, cross_attention_dim)``
+            (:mod:`perflow_jax.models.ip_adapter`); needs the adapter's ``to_k_ip``/``to_v_ip`` params.
+          ip_scale: their weight, scalar or ``(B,)`` (traced; default 1).
 
         Returns:
           ``(B, out_channels, H, W)`` in ``dtype``.
@@ -548,6 +566,12 @@ class UNet2DConditionModel(nn.Module):
 
         emb = self._embedding(timesteps, b, added_cond_kwargs, class_labels)
         context = encoder_hidden_states.astype(self.dtype)
+        if ip_tokens is not None:
+            chex.assert_shape(ip_tokens, (b, None, cfg.encoder_dim),
+                              custom_message="UNet `ip_tokens` must be (B, Li, cross_attention_dim)")
+            scale = jnp.broadcast_to(jnp.asarray(1.0 if ip_scale is None else ip_scale, jnp.float32).reshape(-1),
+                                     (b,))
+            context = ImageContext(context, ip_tokens.astype(self.dtype), scale)
         x = jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
@@ -678,10 +702,14 @@ def _dummy_inputs(config: UNetConfig) -> dict[str, Any]:
     return kw
 
 
-def unet_param_shapes(config: UNetConfig) -> dict:
-    """The params tree as ``jax.ShapeDtypeStruct`` leaves (float32), without allocating anything."""
+def unet_param_shapes(config: UNetConfig, ip_adapter: bool = False) -> dict:
+    """The params tree as ``jax.ShapeDtypeStruct`` leaves (float32), without allocating anything; with
+    `ip_adapter`, including the IP-Adapter's ``to_k_ip``/``to_v_ip`` layers."""
     model = UNet2DConditionModel(config)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), **_dummy_inputs(config)))["params"]
+    kw = _dummy_inputs(config)
+    if ip_adapter:
+        kw["ip_tokens"] = jnp.zeros((1, 1, config.encoder_dim), jnp.float32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), **kw))["params"]
 
 
 def init_unet_params(config: UNetConfig, rng: jax.Array) -> dict:

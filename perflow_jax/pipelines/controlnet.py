@@ -143,19 +143,27 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, *, controlnets: Sequence[str] = (), base: str | None = None,
-                        delta: str | None = None, loras: Sequence[tuple[str, float]] = (),
+                        delta: str | None = None, delta_variant: str | None = None, delta_is_merged: bool = False,
+                        delta_base: str | None = None, loras: Sequence[tuple[str, float]] = (),
                         scheduler: str = "perflow", scheduler_overrides: dict[str, Any] | None = None,
                         dtype: Any = jnp.float32, variant: str | None = None, allow_pickle: bool = False,
-                        **kwargs: Any) -> StableDiffusionControlNetPipeline:
-        """As :meth:`StableDiffusionPipeline.from_pretrained` (ΔW and LoRAs merge into the UNet only), plus
-        `controlnets`: one per net, each a diffusers ControlNet folder, a cached repo id or an original single
-        file (see :func:`load_controlnets`)."""
-        components = load_components(path_or_repo_id, base=base, delta=delta, loras=loras, variant=variant,
-                                     allow_pickle=allow_pickle)
+                        local_files_only: bool = False, ip_adapter: str | None = None,
+                        image_encoder: str | None = None, **kwargs: Any) -> StableDiffusionControlNetPipeline:
+        """As :meth:`StableDiffusionPipeline.from_pretrained` (ΔW and LoRAs merge into the UNet only; an
+        IP-Adapter joins it), plus `controlnets`: one per net, each a diffusers ControlNet folder, a cached repo id
+        or an original single file (see :func:`load_controlnets`)."""
+        if ip_adapter is None and image_encoder is not None:
+            raise ValueError("image_encoder= is only used with ip_adapter=; pass the IP-Adapter file too.")
+        components = load_components(path_or_repo_id, base=base, delta=delta, delta_variant=delta_variant,
+                                     delta_is_merged=delta_is_merged, delta_base=delta_base, loras=loras,
+                                     variant=variant, allow_pickle=allow_pickle, local_files_only=local_files_only)
         nets = load_controlnets(list(controlnets), components.unet_config, variant=variant,
                                 allow_pickle=allow_pickle)
-        return cls(components, make_scheduler(components, scheduler, scheduler_overrides), nets, dtype=dtype,
+        pipe = cls(components, make_scheduler(components, scheduler, scheduler_overrides), nets, dtype=dtype,
                    **kwargs)
+        if ip_adapter is not None:
+            pipe.load_ip_adapter(ip_adapter, image_encoder=image_encoder)
+        return pipe
 
     @classmethod
     def from_pipeline(cls, pipe: StableDiffusionPipeline, controlnets: Sequence[str], **kwargs: Any
@@ -277,9 +285,11 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
             cond = self.encode_prompt(params, inputs.base.ids, size)
             uncond = (self.encode_prompt(params, inputs.base.neg_ids, size, zero_text=spec.zero_negative)
                       if spec.use_cfg else None)
+            if spec.ip_adapter:
+                cond, uncond = self.encode_image_prompt(params, inputs.base, cond, uncond)
             x = self.prepare_latents(params, spec, state, inputs.base, seed)
             x = self.denoise_controlled(params, spec, state, x, cond, uncond, inputs.images, scalars, seed)
-            return self.decode(params, x, spec.output_type)
+            return x if spec.output_type == "latent" else self.decode(params, x, spec.output_type)
 
         return program
 

@@ -53,10 +53,13 @@ from perflow_jax.models import adapter, vae_tiling
 from perflow_jax.models.adapter import UNetCondition
 from perflow_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from perflow_jax.models.components import PipelineComponents, load_pipeline_components
+from perflow_jax.models.ip_adapter import merge_ip_adapter
 from perflow_jax.models.single_file import load_single_file
 from perflow_jax.models.unet import UNet2DConditionModel
 from perflow_jax.models.vae import AutoencoderKL, LatentDistribution, scale_latents, unscale_latents
 from perflow_jax.pipelines.defaults import FAMILY_DEFAULTS, model_family, perflow_config_dict
+from perflow_jax.pipelines.image_prompt import ImagePrompt, load_image_prompt
+from perflow_jax.pipelines.image_prompt import check_scale as check_ip_scale
 
 OUTPUT_TYPES = ("uint8", "float", "latent")  # "latent": the final UNet latents, not decoded
 IMAGE_TYPES = ("uint8", "float")
@@ -80,6 +83,7 @@ class GenerationSpec:
       has_image: img2img: the inputs carry init images, encoded by the VAE and noised to ``start_step``.
       output_type: ``"uint8"`` or ``"float"`` (in [0, 1]) images, or ``"latent"``: the scaled latents
         (B, C, H/f, W/f) float32, undecoded (e.g. for :mod:`perflow_jax.pipelines.upscale`).
+      ip_adapter: the inputs carry an image prompt (IP-Adapter image and scale).
     """
 
     batch: int
@@ -92,6 +96,7 @@ class GenerationSpec:
     has_latents: bool = False
     has_image: bool = False
     output_type: str = "uint8"
+    ip_adapter: bool = False
 
     def __post_init__(self) -> None:
         _check_output_type(self.output_type)
@@ -110,6 +115,8 @@ class GenerationInputs(NamedTuple):
       index: (B,) uint32 image index within the call: image i's noise comes from ``fold_in(key(seed), i)``.
       latents: (B, C, H/f, W/f) float32 initial latents, or None for seeded noise.
       image: (B, 3, H, W) float32 init images in [0, 1] (img2img), or None.
+      ip_image: (B, 3, S, S) float32 CLIP pixel values of the image prompt (IP-Adapter), or None.
+      ip_scale: (B,) float32 weight of the image prompt (traced: changing it never recompiles), or None.
     """
 
     ids: jax.Array
@@ -117,6 +124,8 @@ class GenerationInputs(NamedTuple):
     index: jax.Array
     latents: jax.Array | None = None
     image: jax.Array | None = None
+    ip_image: jax.Array | None = None
+    ip_scale: jax.Array | None = None
 
 
 class GenerationRequest(NamedTuple):
@@ -197,6 +206,7 @@ class StableDiffusionPipeline:
                                  f"got {vae_tile_size}.")
         self.vae_tile_size = vae_tile_size
         self.force_zeros_for_empty_prompt = bool(c.model_index.get("force_zeros_for_empty_prompt", True))
+        self.image_prompt: ImagePrompt | None = None
         self._states: dict[tuple, Any] = {}
         self._compiled: dict[GenerationSpec, Any] = {}
         self.stats = GenerationStats()
@@ -207,6 +217,7 @@ class StableDiffusionPipeline:
                         loras: Sequence[tuple[str, float]] = (), scheduler: str = "perflow",
                         scheduler_overrides: dict[str, Any] | None = None, dtype: Any = jnp.float32,
                         variant: str | None = None, allow_pickle: bool = False, local_files_only: bool = False,
+                        ip_adapter: str | None = None, image_encoder: str | None = None,
                         **kwargs: Any) -> StableDiffusionPipeline:
         """Load a model, merge an optional PeRFlow ΔW and LoRAs, and pick a scheduler.
 
@@ -230,13 +241,42 @@ class StableDiffusionPipeline:
           variant: weights variant such as ``"fp16"``.
           allow_pickle: allow ``.bin`` PyTorch pickles (needs torch; only for files you trust).
           local_files_only: never download (as ``HF_HUB_OFFLINE=1``): repo ids must be in the local cache.
+          ip_adapter, image_encoder: an IP-Adapter file and its CLIP image encoder folder (see
+            :meth:`load_ip_adapter`); it adds to the ΔW- and LoRA-merged UNet.
           kwargs: passed to the constructor (mesh, decode_chunk_size, attention options, vae_tile_size: encode and
             decode images larger than this many pixels in blended tiles, see :mod:`perflow_jax.models.vae_tiling`).
         """
+        if ip_adapter is None and image_encoder is not None:
+            raise ValueError("image_encoder= is only used with ip_adapter=; pass the IP-Adapter file too.")
         components = load_components(path_or_repo_id, base=base, delta=delta, delta_variant=delta_variant,
                                      delta_is_merged=delta_is_merged, delta_base=delta_base, loras=loras,
                                      variant=variant, allow_pickle=allow_pickle, local_files_only=local_files_only)
-        return cls(components, make_scheduler(components, scheduler, scheduler_overrides), dtype=dtype, **kwargs)
+        if ip_adapter is not None:  # checked before the pipeline is built
+            loaded = load_image_prompt(ip_adapter, components.unet_config, image_encoder=image_encoder,
+                                       model_path=components.path, dtype=dtype)
+        pipe = cls(components, make_scheduler(components, scheduler, scheduler_overrides), dtype=dtype, **kwargs)
+        if ip_adapter is not None:
+            pipe._set_image_prompt(*loaded)
+        return pipe
+
+    def load_ip_adapter(self, path: str | os.PathLike, image_encoder: str | os.PathLike | None = None) -> None:
+        """Add an IP-Adapter (``ip-adapter*.safetensors``, IP-Adapter or Plus, released layout) and its CLIP image
+        encoder to this pipeline, replacing any loaded before; then pass ``ip_adapter_image=`` (and
+        ``ip_adapter_scale=``) to :meth:`__call__` or :meth:`img2img`.
+
+        `image_encoder` defaults to the model's ``image_encoder/`` folder, else the one next to `path`. The
+        adapter's ``to_k_ip``/``to_v_ip`` layers join the current UNet params (after any ΔW or LoRA); the
+        compiled-program cache is cleared.
+        """
+        self._set_image_prompt(*load_image_prompt(path, self.components.unet_config, image_encoder=image_encoder,
+                                                  model_path=self.components.path, dtype=self.dtype))
+
+    def _set_image_prompt(self, prompt: ImagePrompt, params: dict, unet_ip: dict) -> None:
+        put = lambda t: jax.tree_util.tree_map(  # noqa: E731
+            lambda a: sharding.global_array(np.asarray(a, self.dtype), self._replicated), t)
+        self.params = {**self.params, "unet": merge_ip_adapter(self.params["unet"], put(unet_ip)), **put(params)}
+        self.image_prompt = prompt
+        self._compiled.clear()
 
     def _own_components(self, components: PipelineComponents) -> PipelineComponents:
         """`components` with params that share :attr:`params`' memory where the device copy is host memory (one
@@ -263,32 +303,39 @@ class StableDiffusionPipeline:
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
-                 latents: np.ndarray | None = None, output_type: str = "uint8", first_index: int = 0) -> np.ndarray:
+                 latents: np.ndarray | None = None, output_type: str = "uint8", first_index: int = 0,
+                 ip_adapter_image: Any = None, ip_adapter_scale: float = 1.0) -> np.ndarray:
         """Generate images for `prompt` (NHWC, uint8 or float in [0, 1] with ``output_type="float"``; the scaled
         latents, undecoded, with ``output_type="latent"``).
 
         ``latents`` (B, 4, H/8, W/8) replaces the seeded initial noise (it is scaled by the scheduler's
         ``init_noise_sigma`` as in diffusers). ``guidance_scale`` ≤ 1 turns classifier-free guidance off, as
         in diffusers. ``first_index`` is the run index of this call's first image (see :meth:`build_request`).
+        ``ip_adapter_image`` (one image, or one per prompt: files, PIL images or RGB arrays) is an image prompt
+        for the IP-Adapter loaded with :meth:`load_ip_adapter`, weighted by ``ip_adapter_scale`` (traced).
         """
         return self.generate(self.build_request(
             prompt, negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             seed=seed, height=height, width=width, num_images_per_prompt=num_images_per_prompt, latents=latents,
-            output_type=output_type, first_index=first_index))
+            output_type=output_type, first_index=first_index, ip_adapter_image=ip_adapter_image,
+            ip_adapter_scale=ip_adapter_scale))
 
     def img2img(self, prompt: str | Sequence[str], image: np.ndarray, strength: float = 0.6,
                 negative_prompt: str | Sequence[str] | None = None, *, num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, seed: int = 0, num_images_per_prompt: int = 1,
-                output_type: str = "uint8", first_index: int = 0) -> np.ndarray:
+                output_type: str = "uint8", first_index: int = 0, ip_adapter_image: Any = None,
+                ip_adapter_scale: float = 1.0) -> np.ndarray:
         """Re-generate `image` (NHWC uint8, or float in [0, 1]; one image or one per prompt) from strength·T.
 
         As in diffusers, the last ``int(steps · strength)`` steps run, starting from the encoded image noised
-        to the first of them; the VAE encoding is sampled with the seed.
+        to the first of them; the VAE encoding is sampled with the seed. ``ip_adapter_image`` and
+        ``ip_adapter_scale`` as in :meth:`__call__`.
         """
         return self.generate(self.build_request(
             prompt, negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             seed=seed, num_images_per_prompt=num_images_per_prompt, image=image, strength=strength,
-            output_type=output_type, first_index=first_index))
+            output_type=output_type, first_index=first_index, ip_adapter_image=ip_adapter_image,
+            ip_adapter_scale=ip_adapter_scale))
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
         """Run :meth:`program` for ``request.spec`` (compiled on first use, then cached by spec) and gather the
@@ -307,7 +354,8 @@ class StableDiffusionPipeline:
                       num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
                       height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
                       latents: np.ndarray | None = None, image: np.ndarray | None = None, strength: float = 1.0,
-                      output_type: str = "uint8", first_index: int = 0) -> GenerationRequest:
+                      output_type: str = "uint8", first_index: int = 0, ip_adapter_image: Any = None,
+                      ip_adapter_scale: float = 1.0) -> GenerationRequest:
         """Validate a call and build its :class:`GenerationRequest` (arguments as :meth:`__call__`; `image` and
         `strength` as :meth:`img2img`). Raises ValueError naming the bad argument; compiles nothing.
 
@@ -338,6 +386,10 @@ class StableDiffusionPipeline:
             raise ValueError(f"strength must be in (0, 1], got {strength}.")
         if image is not None and latents is not None:
             raise ValueError("Pass latents or an init image, not both.")
+        ip_scale = check_ip_scale(ip_adapter_scale)
+        if ip_adapter_image is not None and self.image_prompt is None:
+            raise ValueError("ip_adapter_image needs an IP-Adapter: load one first (pipe.load_ip_adapter(FILE) or "
+                             "from_pretrained(..., ip_adapter=FILE)).")
         per = num_images_per_prompt
         prompts = [p for p in prompts for _ in range(per)]
         negatives = [p for p in negatives for _ in range(per)] if negatives is not None else None
@@ -345,6 +397,9 @@ class StableDiffusionPipeline:
         if int(first_index) + sharding.padded_size(n, self.mesh) > 2**32:
             raise ValueError(f"first_index {first_index} + {n} images exceeds 2**32 image indices.")
 
+        ip_images = None
+        if ip_adapter_image is not None:
+            ip_images = self.image_prompt.preprocess(ip_adapter_image, n, per)
         init_images = None
         if image is not None:
             init_images = _prepare_images(image, n)
@@ -369,13 +424,15 @@ class StableDiffusionPipeline:
             # e.g. guidance_scale=0 is the usual "off" for distilled models, not the unconditional model.
             use_cfg=guidance > 1.0,
             zero_negative=negatives is None and self.family == "sdxl" and self.force_zeros_for_empty_prompt,
-            has_latents=latents is not None, has_image=init_images is not None, output_type=output_type)
+            has_latents=latents is not None, has_image=init_images is not None, output_type=output_type,
+            ip_adapter=ip_images is not None)
 
         pad = lambda a: None if a is None else _pad_rows(a, padded)  # noqa: E731
         inputs = GenerationInputs(
             ids=pad(self.tokenize(prompts)), neg_ids=pad(self.tokenize(negatives or [""] * n)),
             index=np.arange(int(first_index), int(first_index) + padded, dtype=np.uint32), latents=pad(latents),
-            image=pad(init_images))
+            image=pad(init_images), ip_image=pad(ip_images),
+            ip_scale=None if ip_images is None else np.full((padded,), ip_scale, np.float32))
         return GenerationRequest(
             spec=spec, inputs=sharding.global_tree(inputs, self._batch),
             seed=sharding.global_array(np.uint32(seed % 2**32), self._replicated),
@@ -474,6 +531,8 @@ class StableDiffusionPipeline:
             cond = self.encode_prompt(params, inputs.ids, size)
             uncond = (self.encode_prompt(params, inputs.neg_ids, size, zero_text=spec.zero_negative)
                       if spec.use_cfg else None)
+            if spec.ip_adapter:
+                cond, uncond = self.encode_image_prompt(params, inputs, cond, uncond)
             x = self.prepare_latents(params, spec, state, inputs, seed)
             x = self.denoise(params, spec, state, x, cond, uncond, guidance_scale, seed)
             return x if spec.output_type == "latent" else self.decode(params, x, spec.output_type)
@@ -503,6 +562,19 @@ class StableDiffusionPipeline:
             cond = cond._replace(encoder_hidden_states=jnp.zeros_like(cond.encoder_hidden_states),
                                  text_embeds=None if cond.text_embeds is None else jnp.zeros_like(cond.text_embeds))
         return cond
+
+    def encode_image_prompt(self, params: Any, inputs: GenerationInputs, cond: UNetCondition,
+                            uncond: UNetCondition | None) -> tuple[UNetCondition, UNetCondition | None]:
+        """Add the IP-Adapter image tokens of ``inputs.ip_image`` (weighted by ``inputs.ip_scale``) to `cond`,
+        and the unconditional image tokens (diffusers' convention, see :mod:`perflow_jax.pipelines.image_prompt`)
+        to `uncond`."""
+        if self.image_prompt is None:
+            raise ValueError("This pipeline has no IP-Adapter; load one with load_ip_adapter().")
+        tokens, neg_tokens = self.image_prompt.encode(params, inputs.ip_image)
+        cond = cond._replace(ip_tokens=tokens, ip_scale=inputs.ip_scale)
+        if uncond is not None:
+            uncond = uncond._replace(ip_tokens=neg_tokens, ip_scale=inputs.ip_scale)
+        return cond, uncond
 
     def prepare_latents(self, params: Any, spec: GenerationSpec, state: Any, inputs: GenerationInputs,
                         seed: jax.Array) -> jax.Array:
