@@ -37,6 +37,7 @@ from perflow_jax.models.layers import (
     Upsample2D,
     conv2d,
 )
+from perflow_jax.models.shape_cache import cached_param_shapes
 
 Dtype = Any
 
@@ -651,9 +652,14 @@ def _dummy_inputs(config: UNetConfig) -> dict[str, Any]:
 
 
 def unet_param_shapes(config: UNetConfig) -> dict:
-    """The params tree as ``jax.ShapeDtypeStruct`` leaves (float32), without allocating anything."""
-    model = UNet2DConditionModel(config)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), **_dummy_inputs(config)))["params"]
+    """The params tree as ``jax.ShapeDtypeStruct`` leaves (float32), without allocating anything (traced once
+    per config: :func:`~perflow_jax.models.shape_cache.cached_param_shapes`)."""
+
+    def trace() -> dict:
+        model = UNet2DConditionModel(config)
+        return jax.eval_shape(lambda: model.init(jax.random.key(0), **_dummy_inputs(config)))["params"]
+
+    return cached_param_shapes("unet", config, trace)
 
 
 def init_unet_params(config: UNetConfig, rng: jax.Array) -> dict:
