@@ -3,7 +3,7 @@
 A loader needs the params tree a config builds (paths, shapes, dtypes) before it reads any weight; tracing
 ``model.init`` under ``jax.eval_shape`` costs seconds for SD's UNet and VAE (1.5 s and 1.0 s on a 2-core CPU).
 :func:`cached_param_shapes` traces once per config and process, and, when the persistent compilation cache is on
-(:func:`perflow_jax.enable_compilation_cache`), keeps the result as a small JSON file in a ``param-shapes``
+(:func:`perflow_jax.enable_compilation_cache`), keeps the result as a small JSON file in a ``<cache>-param-shapes``
 folder beside it, so the next process reads it instead of tracing. The key covers the model kind, the config,
 the JAX/Flax versions and the source of the modules that define the models, so an edited model is traced again.
 An unreadable or foreign cache file is ignored (and replaced); the cache never turns a good load into an error.
@@ -22,22 +22,19 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from perflow_jax.compilation_cache import beside_compilation_cache, source_hash
 from perflow_jax.io import write_json
 
 __all__ = ["SHAPES_FOLDER", "cache_folder", "cached_param_shapes", "clear_memory_cache"]
 
-SHAPES_FOLDER = "param-shapes"  # sibling of the compilation-cache folder
-_MODEL_SOURCES = ("layers.py", "unet.py", "vae.py", "clip.py")  # beside this file
+SHAPES_FOLDER = "param-shapes"  # <compilation cache>-param-shapes
+_MODEL_SOURCES = ("models/layers.py", "models/unet.py", "models/vae.py", "models/clip.py")
 _MEMORY: dict[str, dict] = {}
-_SOURCE_HASH: list[str] = []
 
 
 def cache_folder() -> str | None:
-    """``<compilation cache>/../param-shapes``, or None while the persistent compilation cache is off."""
-    folder = jax.config.jax_compilation_cache_dir
-    if not folder:
-        return None
-    return os.path.join(os.path.dirname(os.path.abspath(folder)), SHAPES_FOLDER)
+    """``<compilation cache>-param-shapes``, or None while the persistent compilation cache is off."""
+    return beside_compilation_cache(SHAPES_FOLDER)
 
 
 def clear_memory_cache() -> None:
@@ -45,19 +42,8 @@ def clear_memory_cache() -> None:
     _MEMORY.clear()
 
 
-def _source_hash() -> str:
-    """Hash of the model modules' source: shapes are a function of the code as well as of the config."""
-    if not _SOURCE_HASH:
-        h = hashlib.sha256()
-        for name in _MODEL_SOURCES:
-            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
-                h.update(f.read())
-        _SOURCE_HASH.append(h.hexdigest())
-    return _SOURCE_HASH[0]
-
-
 def _key(kind: str, config: Any) -> str:
-    text = json.dumps([kind, repr(config), jax.__version__, flax.__version__, _source_hash()])
+    text = json.dumps([kind, repr(config), jax.__version__, flax.__version__, source_hash(_MODEL_SOURCES)])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

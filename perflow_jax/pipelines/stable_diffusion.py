@@ -47,7 +47,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from perflow_jax import delta as delta_lib
-from perflow_jax import sampling, schedulers, sharding, values
+from perflow_jax import executable_cache, sampling, schedulers, sharding, values
 from perflow_jax.lora import load_lora, merge_loras
 from perflow_jax.models import adapter
 from perflow_jax.models.adapter import UNetCondition
@@ -268,8 +268,9 @@ class StableDiffusionPipeline:
             output_type=output_type, first_index=first_index))
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
-        """Run :meth:`program` for ``request.spec`` (compiled on first use, then cached by spec) and gather the
-        images to the host, padding rows dropped. Updates :attr:`stats`."""
+        """Run :meth:`program` for ``request.spec`` (compiled on first use, then cached by spec; with the
+        compilation cache on, a later process loads the stored executable: :mod:`perflow_jax.executable_cache`)
+        and gather the images to the host, padding rows dropped. Updates :attr:`stats`."""
         spec = request.spec
         state = self.scheduler_state(spec.num_inference_steps, self.latent_shape(spec))
         args = (self.params, state, request.inputs, request.seed, request.guidance_scale)
@@ -278,13 +279,20 @@ class StableDiffusionPipeline:
         if compiled is None:
             rep, batch = self._replicated, self._batch
             fn = jax.jit(self.program(spec), in_shardings=(rep, rep, batch, rep, rep), out_shardings=batch)
-            compiled = fn.lower(*args).compile()
+            compiled = executable_cache.load_or_compile(self._program_description(spec), args,
+                                                        lambda: fn.lower(*args))
             self._compiled[spec] = compiled
         t1 = time.perf_counter()
         images = sharding.to_host(compiled(*args))[:request.num_images]
         t2 = time.perf_counter()
         self.stats = GenerationStats(t1 - t0, t2 - t1, len(self._compiled))
         return images
+
+    def _program_description(self, spec: GenerationSpec) -> str:
+        """Everything :meth:`program` is built from besides its arguments' avals: the spec, the models (their
+        configs, dtypes and attention options), the scheduler, the VAE scaling and the mesh."""
+        return repr((spec, self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.scheduler.name,
+                     self.scheduler.config, self.components.vae_config, self.mesh))
 
     # ------------------------------------------------------------------------------------------------------
     # Host side: validation, tokenisation, batching
