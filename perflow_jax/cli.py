@@ -207,7 +207,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(
         args.model, base=args.base, delta=args.delta, loras=args.lora, scheduler=args.scheduler or "perflow",
         dtype=getattr(jnp, DTYPES[args.dtype or "fp32"]), variant=args.variant,
-        decode_chunk_size=args.decode_chunk_size)
+        decode_chunk_size=args.decode_chunk_size, executable_cache=not args.no_cache)
     print(f"loaded {args.model} ({pipe.family}, scheduler {pipe.scheduler.name}) in {time.perf_counter() - t0:.1f}s")
 
     # With --batch-size, batch b uses seed + b (as always). By default the batches hold what fits the memory

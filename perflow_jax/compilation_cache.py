@@ -23,6 +23,8 @@ def enable_compilation_cache(path: str | None = None, enable: bool = True) -> st
 
     Sets ``jax_compilation_cache_dir`` and caches every program that takes ≥ 0.5 s to compile. Returns the
     folder, or None when switched off (``enable=False`` or ``PERFLOW_JAX_CACHE_DIR=off`` without a `path`).
+    Pipelines built with ``executable_cache=True`` also keep whole compiled programs beside it
+    (:mod:`perflow_jax.executable_cache`).
     """
     env = os.environ.get("PERFLOW_JAX_CACHE_DIR")
     if not enable or (path is None and env is not None and env.lower() in ("off", "0", "none", "")):

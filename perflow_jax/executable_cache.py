@@ -8,7 +8,9 @@ version and backend, and the source of perflow-jax itself) and stores the serial
 (``jax.experimental.serialize_executable``) in a ``<cache>-executables`` folder beside the compilation cache. The next
 process loads it with no trace, no lowering and no compile.
 
-It is on exactly when the persistent compilation cache is on, and only in a single process. Like JAX's own
+A pipeline uses it when built with ``executable_cache=True`` (the CLI's and the benchmark's are) while the
+persistent compilation cache is on, and only in a single process. Leave it off when you patch perflow-jax's code
+at run time: a stored program is keyed by the source files, not by patches. Like JAX's own
 cache, its files are trusted: loading an executable runs it, so the folder must be your own. An unreadable or
 stale file is compiled again and replaced; the cache never turns a good call into an error.
 """
@@ -53,8 +55,9 @@ def cache_key(description: str, args: Sequence[Any]) -> str:
 
 def load_or_compile(description: str, args: Sequence[Any], lower: Callable[[], jax.stages.Lowered]
                     ) -> jax.stages.Compiled:
-    """``lower().compile()``, or the same program loaded from the ``executables`` folder when a previous process
-    stored it under this key (:func:`cache_key` of `description` and `args`); a new compile is stored there."""
+    """``lower().compile()``, or the same program loaded from the ``<cache>-executables`` folder when a previous
+    process stored it under this key (:func:`cache_key` of `description` and `args`); a new compile is stored
+    there. Plain ``lower().compile()`` while the compilation cache is off."""
     folder = beside_compilation_cache(EXECUTABLES_FOLDER)
     if folder is None or jax.process_count() > 1:
         return lower().compile()

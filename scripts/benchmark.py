@@ -300,7 +300,8 @@ def load_jax_pipeline(folder: str, dtype: str, cache: str | None, **kwargs: Any)
 
     if cache:
         enable_compilation_cache(cache)
-    return StableDiffusionPipeline.from_pretrained(folder, scheduler="perflow", dtype=_jax_dtype(dtype), **kwargs)
+    return StableDiffusionPipeline.from_pretrained(folder, scheduler="perflow", dtype=_jax_dtype(dtype),
+                                                   executable_cache=cache is not None, **kwargs)
 
 
 def load_torch_pipeline(folder: str, dtype: str) -> Any:

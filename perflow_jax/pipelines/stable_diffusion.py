@@ -158,12 +158,17 @@ class StableDiffusionPipeline:
         :meth:`from_pretrained` does); elsewhere it is the caller's object, untouched.
       params: ``{"unet", "vae", "text_encoder"[, "text_encoder_2"]}`` in ``dtype``, replicated over the mesh.
       stats: :class:`GenerationStats` of the last call.
+      executable_cache: store each compiled generation program beside the persistent compilation cache (when it
+        is on) and load it in later processes instead of tracing, lowering and compiling it again
+        (:mod:`perflow_jax.executable_cache`; off by default, on in the CLI).
     """
 
     def __init__(self, components: PipelineComponents, scheduler: schedulers.Scheduler, *,
                  dtype: Any = jnp.float32, mesh: Mesh | None = None, decode_chunk_size: int | None = None,
-                 attention_implementation: str | None = None, attention_chunk_size: int | None = None):
+                 attention_implementation: str | None = None, attention_chunk_size: int | None = None,
+                 executable_cache: bool = False):
         c = components
+        self.executable_cache = executable_cache
         self.scheduler = scheduler
         self.family = model_family(c)
         self.defaults = FAMILY_DEFAULTS[self.family]
@@ -210,7 +215,7 @@ class StableDiffusionPipeline:
           dtype: compute and param dtype (``jnp.bfloat16`` / ``jnp.float16`` halve memory).
           variant: weights variant such as ``"fp16"``.
           allow_pickle: allow ``.bin`` PyTorch pickles (needs torch; only for files you trust).
-          kwargs: passed to the constructor (mesh, decode_chunk_size, attention options).
+          kwargs: passed to the constructor (mesh, decode_chunk_size, attention options, executable_cache).
         """
         components = load_components(path_or_repo_id, base=base, delta=delta, loras=loras, variant=variant,
                                      allow_pickle=allow_pickle)
@@ -268,9 +273,10 @@ class StableDiffusionPipeline:
             output_type=output_type, first_index=first_index))
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
-        """Run :meth:`program` for ``request.spec`` (compiled on first use, then cached by spec; with the
-        compilation cache on, a later process loads the stored executable: :mod:`perflow_jax.executable_cache`)
-        and gather the images to the host, padding rows dropped. Updates :attr:`stats`."""
+        """Run :meth:`program` for ``request.spec`` (compiled on first use, then cached by spec; with
+        ``executable_cache=True`` and the compilation cache on, a later process loads the stored executable:
+        :mod:`perflow_jax.executable_cache`) and gather the images to the host, padding rows dropped. Updates
+        :attr:`stats`."""
         spec = request.spec
         state = self.scheduler_state(spec.num_inference_steps, self.latent_shape(spec))
         args = (self.params, state, request.inputs, request.seed, request.guidance_scale)
@@ -279,8 +285,11 @@ class StableDiffusionPipeline:
         if compiled is None:
             rep, batch = self._replicated, self._batch
             fn = jax.jit(self.program(spec), in_shardings=(rep, rep, batch, rep, rep), out_shardings=batch)
-            compiled = executable_cache.load_or_compile(self._program_description(spec), args,
-                                                        lambda: fn.lower(*args))
+            if self.executable_cache:
+                compiled = executable_cache.load_or_compile(self._program_description(spec), args,
+                                                            lambda: fn.lower(*args))
+            else:
+                compiled = fn.lower(*args).compile()
             self._compiled[spec] = compiled
         t1 = time.perf_counter()
         images = sharding.to_host(compiled(*args))[:request.num_images]
@@ -291,8 +300,9 @@ class StableDiffusionPipeline:
     def _program_description(self, spec: GenerationSpec) -> str:
         """Everything :meth:`program` is built from besides its arguments' avals: the spec, the models (their
         configs, dtypes and attention options), the scheduler, the VAE scaling and the mesh."""
-        return repr((spec, self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.scheduler.name,
-                     self.scheduler.config, self.components.vae_config, self.mesh))
+        return repr((type(self).__module__, type(self).__qualname__, spec, self.unet, self.vae, self.text_encoder,
+                     self.text_encoder_2, self.scheduler.name, self.scheduler.config, self.components.vae_config,
+                     self.mesh))
 
     # ------------------------------------------------------------------------------------------------------
     # Host side: validation, tokenisation, batching
