@@ -6,9 +6,11 @@
    an opt-in pickle, or a converted Flax msgpack);
 2. :class:`perflow_jax.models.keymap.TorchKeyIndex` and :func:`~perflow_jax.models.keymap.to_flax_layout` turn
    each PyTorch key and layout into its Flax path and layout;
-3. each param is stored as a 64-byte-aligned host buffer (:func:`perflow_jax.models.host_memory.host_array`);
-4. every PyTorch key must be consumed and every Flax param filled with the right shape, or one
-   :class:`~perflow_jax.models.mismatch.ConversionError` lists what is missing, unexpected and mis-shaped.
+3. every PyTorch key must be consumed and every Flax param filled with the right shape, or one
+   :class:`~perflow_jax.models.mismatch.ConversionError` lists what is missing, unexpected and mis-shaped: for
+   safetensors this is checked from the header alone, before any tensor is read;
+4. each param is read once into a 64-byte-aligned host buffer (:mod:`perflow_jax.models.host_memory`), by
+   :data:`LOAD_THREADS` threads.
 
 :func:`torch_state_dict` / :func:`flax_to_torch` go the other way, with the same strict accounting.
 """
