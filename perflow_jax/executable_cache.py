@@ -54,21 +54,30 @@ def cache_key(description: str, args: Sequence[Any]) -> str:
 
 
 def load_or_compile(description: str, args: Sequence[Any], lower: Callable[[], jax.stages.Lowered]
-                    ) -> jax.stages.Compiled:
+                    ) -> Callable[..., Any]:
     """``lower().compile()``, or the same program loaded from the ``<cache>-executables`` folder when a previous
     process stored it under this key (:func:`cache_key` of `description` and `args`); a new compile is stored
-    there. Plain ``lower().compile()`` while the compilation cache is off."""
+    there. Plain ``lower().compile()`` while the compilation cache is off.
+
+    A loaded program is checked on its first call (run to completion): XLA:CPU executables are not always
+    self-contained once serialized (a kernel they call may be missing in the loading process). One that fails
+    is compiled afresh for that call, its file is removed and the key is marked ``.unusable`` so no process
+    stores or loads it again.
+    """
     folder = beside_compilation_cache(EXECUTABLES_FOLDER)
     if folder is None or jax.process_count() > 1:
         return lower().compile()
     from jax.experimental.serialize_executable import deserialize_and_load, serialize
 
     path = os.path.join(folder, cache_key(description, args) + ".jaxexec")
+    unusable = path + ".unusable"
+    if os.path.exists(unusable):
+        return lower().compile()
     if os.path.isfile(path):
         try:
             with open(path, "rb") as f:
                 payload, in_tree, out_tree = pickle.load(f)  # noqa: S301  our own cache folder (trusted)
-            return deserialize_and_load(payload, in_tree, out_tree)
+            return _Checked(deserialize_and_load(payload, in_tree, out_tree), path, lower)
         except Exception:  # torn, foreign or from another jaxlib build: compile again and replace it
             pass
     compiled = lower().compile()
@@ -80,3 +89,31 @@ def load_or_compile(description: str, args: Sequence[Any], lower: Callable[[], j
     except Exception:  # an executable that cannot be serialized, or a full / read-only folder: just run it
         pass
     return compiled
+
+
+class _Checked:
+    """A loaded executable whose first call is run to completion; if it fails, the program is compiled afresh
+    (and its stored file retired), so a bad file costs one compile, never a wrong or failed call."""
+
+    def __init__(self, loaded: Any, path: str, lower: Callable[[], jax.stages.Lowered]):
+        self._exe, self._path, self._lower, self._checked = loaded, path, lower, False
+
+    def __call__(self, *args: Any) -> Any:
+        if self._checked:
+            return self._exe(*args)
+        try:
+            out = jax.block_until_ready(self._exe(*args))
+        except jax.errors.JaxRuntimeError:
+            self._retire()
+            self._exe = self._lower().compile()
+            out = self._exe(*args)
+        self._checked = True
+        return out
+
+    def _retire(self) -> None:
+        try:
+            with atomic_file(self._path + ".unusable") as tmp, open(tmp, "w", encoding="utf-8") as f:
+                f.write("a loaded executable failed on its first call; compiled afresh instead\n")
+            os.remove(self._path)
+        except OSError:
+            pass

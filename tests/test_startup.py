@@ -233,3 +233,26 @@ def test_pipeline_loads_its_stored_program_and_gives_the_same_images(tiny, cache
                         lambda d, a, lower: real(d, a, lambda: pytest.fail("lowered despite the store")))
     np.testing.assert_array_equal(again(["a cat"], **kw), first)
     np.testing.assert_array_equal(again(["a dog"], **kw), pipe(["a dog"], **kw))  # new prompt: same program
+
+
+def test_a_stored_program_that_fails_is_compiled_afresh_and_retired(cache_dir, monkeypatch) -> None:
+    """A loaded executable that fails on its first call (XLA:CPU executables are not always self-contained)
+    gives the right result from a fresh compile; its file is retired and the key never stored again."""
+    import jax.experimental.serialize_executable as se
+
+    f = jax.jit(lambda x: jnp.cos(x) + 2)
+    x = jnp.arange(5.0)
+    executable_cache.load_or_compile("h", (x,), lambda: f.lower(x))
+    (stored,) = (cache_dir.parent / "cache-executables").glob("*.jaxexec")
+
+    def broken(*args):
+        raise jax.errors.JaxRuntimeError("NOT_FOUND: Function wrapped_iota not found")
+
+    monkeypatch.setattr(se, "deserialize_and_load", lambda *a, **k: broken)
+    loaded = executable_cache.load_or_compile("h", (x,), lambda: f.lower(x))
+    np.testing.assert_array_equal(loaded(x), f(x))
+    np.testing.assert_array_equal(loaded(x), f(x))
+    assert not stored.exists() and stored.with_name(stored.name + ".unusable").exists()
+    lowered = []
+    executable_cache.load_or_compile("h", (x,), lambda: lowered.append(1) or f.lower(x))
+    assert lowered == [1] and not stored.exists()
