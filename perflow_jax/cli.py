@@ -348,7 +348,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     options = dict(base=args.base, delta=args.delta, **_delta_options(args), loras=args.lora,
                    scheduler=args.scheduler or "perflow", dtype=getattr(jnp, DTYPES[args.dtype or "fp32"]),
                    variant=args.variant, decode_chunk_size=args.decode_chunk_size, vae_tile_size=args.vae_tile_size,
-                   ip_adapter=args.ip_adapter, image_encoder=args.image_encoder)
+                   ip_adapter=args.ip_adapter, image_encoder=args.image_encoder, executable_cache=not args.no_cache)
     control: dict = {}
     if args.controlnet:
         pipe = StableDiffusionControlNetPipeline.from_pretrained(

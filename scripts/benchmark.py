@@ -35,8 +35,10 @@ import datetime
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -298,7 +300,8 @@ def load_jax_pipeline(folder: str, dtype: str, cache: str | None, **kwargs: Any)
 
     if cache:
         enable_compilation_cache(cache)
-    return StableDiffusionPipeline.from_pretrained(folder, scheduler="perflow", dtype=_jax_dtype(dtype), **kwargs)
+    return StableDiffusionPipeline.from_pretrained(folder, scheduler="perflow", dtype=_jax_dtype(dtype),
+                                                   executable_cache=cache is not None, **kwargs)
 
 
 def load_torch_pipeline(folder: str, dtype: str) -> Any:
@@ -618,8 +621,54 @@ def run_probe(kind: str, folder: str, args: argparse.Namespace, cache_dir: str |
     return out
 
 
+class CompileLog(logging.Handler):
+    """Per-program compile times of one process, from JAX's own compile log (``jax_log_compiles``): tracing,
+    lowering to MLIR, and XLA compilation (or loading from the persistent cache, counted as ``cache_hit``)."""
+
+    _PATTERNS = (("trace", re.compile(r"Finished tracing (?:\+ transforming )?(\S+) for \w+ in ([\d.]+) sec")),
+                 ("lower", re.compile(r"Finished jaxpr to MLIR module conversion (\S+) in ([\d.]+) sec")),
+                 ("compile", re.compile(r"Finished XLA compilation of (\S+) in ([\d.]+) sec")),
+                 ("cache_hit", re.compile(r"Persistent compilation cache hit for '([^']+)'()")))
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.programs: dict[str, dict[str, float]] = {}
+
+    def __enter__(self) -> CompileLog:
+        import jax
+
+        jax.config.update("jax_log_compiles", True)
+        logging.getLogger("jax").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import jax
+
+        logging.getLogger("jax").removeHandler(self)
+        jax.config.update("jax_log_compiles", False)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        for what, pattern in self._PATTERNS:
+            m = pattern.search(msg)
+            if m:
+                name = re.sub(r"^jit[(_]|\)$", "", m.group(1))
+                entry = self.programs.setdefault(name, {"trace": 0.0, "lower": 0.0, "compile": 0.0, "cache_hit": 0})
+                entry[what] += float(m.group(2)) if m.group(2) else 1
+                return
+
+    def table(self) -> list[dict[str, Any]]:
+        """Programs by total time (trace + lower + compile), each with its share of the sum."""
+        rows = [{"program": k, **v, "total": v["trace"] + v["lower"] + v["compile"]} for k, v in self.programs.items()]
+        total = sum(r["total"] for r in rows) or 1.0
+        for r in rows:
+            r["share"] = r["total"] / total
+        return sorted(rows, key=lambda r: -r["total"])
+
+
 def probe_main(args: argparse.Namespace) -> int:
-    """Body of a probe process: load, generate once, report timings and peak memory."""
+    """Body of a probe process: load (until the params are on the device, ready), generate once, report
+    timings, the programs the first image compiled, and peak memory."""
     t0 = time.perf_counter()
     if args.probe == "torch":
         _quiet()
@@ -629,14 +678,17 @@ def probe_main(args: argparse.Namespace) -> int:
         import jax
 
         report["import_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        pipe = load_jax_pipeline(args.model, args.dtype, args.cache_dir)
-        report["load_s"] = time.perf_counter() - t1
-        report["rss_after_load_mib"] = peak_rss_mib()
-        t1 = time.perf_counter()
-        run_jax(pipe, batch, steps, args.resolution, args.guidance)
-        report["first_call_s"] = time.perf_counter() - t1
+        with CompileLog() as log:
+            t1 = time.perf_counter()
+            pipe = load_jax_pipeline(args.model, args.dtype, args.cache_dir)
+            jax.block_until_ready(pipe.params)
+            report["load_s"] = time.perf_counter() - t1
+            report["rss_after_load_mib"] = peak_rss_mib()
+            t1 = time.perf_counter()
+            run_jax(pipe, batch, steps, args.resolution, args.guidance)
+            report["first_call_s"] = time.perf_counter() - t1
         report["compile_s"] = pipe.stats.compile_seconds
+        report["programs"] = log.table()
         report["peak_rss_mib"] = peak_rss_mib()
         stats = jax.devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:
@@ -658,6 +710,65 @@ def probe_main(args: argparse.Namespace) -> int:
     report["time_to_first_image_s"] = time.perf_counter() - t0
     print(PROBE_TAG + json.dumps(report), flush=True)
     return 0
+
+
+STARTUP_GOALS = {"cold": 1.5, "warm": 1.2, "load": 1.5}  # perflow-jax / diffusers, at most
+
+
+def run_startup(folder: str, work: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Time to first image and load alone, each in fresh processes (imports count): perflow-jax with an empty
+    compilation-cache folder (cold), then again with the same folder (warm), and diffusers twice (it has no
+    compile cache; each of its runs is paired with one of ours). Probes alternate so background load hits both."""
+    shutil.rmtree(os.path.join(work, "startup"), ignore_errors=True)  # its param-shapes folder goes too
+    cache = os.path.join(work, "startup", "compilation-cache")
+    cold = run_probe("jax", folder, args, cache)
+    torch_1 = run_probe("torch", folder, args) if not args.no_torch else None
+    warm = run_probe("jax", folder, args, cache)
+    torch_2 = run_probe("torch", folder, args) if not args.no_torch else None
+    out: dict[str, Any] = {"cold": cold, "warm": warm, "torch": [t for t in (torch_1, torch_2) if t]}
+    if torch_1 and torch_2:
+        rows = [("cold", "time to first image, cold compile cache", cold["process_wall_s"], torch_1["process_wall_s"]),
+                ("warm", "time to first image, warm compile cache", warm["process_wall_s"], torch_2["process_wall_s"]),
+                ("load", "weight loading (params on the device, ready)", warm["load_s"], torch_2["load_s"])]
+        out["rows"] = [{"key": k, "what": w, "jax_s": j, "torch_s": t, "ratio": j / t, "goal": STARTUP_GOALS[k]}
+                       for k, w, j, t in rows]
+    return out
+
+
+def startup_lines(st: dict[str, Any]) -> list[str]:
+    """The startup section of the report: the table against diffusers and where perflow-jax's time goes."""
+    cold, warm = st["cold"], st["warm"]
+    lines = ["Fresh processes (interpreter start and imports count); time to first image is the process's wall "
+             "time; load ends when the params are on the device and ready (`block_until_ready`). diffusers has no "
+             "compile cache: its two runs are paired with the cold and the warm run.", ""]
+    if "rows" in st:
+        lines += ["| | perflow-jax s | diffusers s | **ratio** | goal |", "|---|---:|---:|---:|---:|"]
+        for r in st["rows"]:
+            lines.append(f"| {r['what']} | {r['jax_s']:.2f} | {r['torch_s']:.2f} | **{r['ratio']:.2f}** | "
+                         f"≤ {r['goal']} |")
+        lines.append("")
+    lines += ["| perflow-jax | imports s | load s | compile s | first call s (compile + run) | process wall s |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, p in (("cold", cold), ("warm", warm)):
+        lines.append(f"| {name} | {_f(p['import_s'], 2)} | {_f(p['load_s'], 2)} | {_f(p['compile_s'], 2)} | "
+                     f"{_f(p['first_call_s'], 2)} | {_f(p['process_wall_s'], 2)} |")
+    for i, t in enumerate(st.get("torch", []), 1):
+        lines.append(f"| diffusers run {i} | {_f(t['import_s'], 2)} | {_f(t['load_s'], 2)} | – | "
+                     f"{_f(t['first_call_s'], 2)} | {_f(t['process_wall_s'], 2)} |")
+    for name, p in (("cold", cold), ("warm", warm)):
+        progs = p.get("programs") or []
+        lines += ["", f"Programs compiled for the first image ({name}; trace / lower to MLIR / XLA compile or "
+                  "cache load, seconds):", "", "| program | trace | lower | compile | cache hit | share |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in progs[:8]:
+            lines.append(f"| `{r['program']}` | {r['trace']:.2f} | {r['lower']:.2f} | {r['compile']:.2f} | "
+                         f"{'yes' if r['cache_hit'] else 'no'} | {r['share']:.0%} |")
+        if len(progs) > 8:
+            rest = progs[8:]
+            lines.append(f"| {len(rest)} others | {sum(r['trace'] for r in rest):.2f} | "
+                         f"{sum(r['lower'] for r in rest):.2f} | {sum(r['compile'] for r in rest):.2f} | | "
+                         f"{sum(r['share'] for r in rest):.0%} |")
+    return lines + [""]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -790,6 +901,8 @@ def render_markdown(res: dict[str, Any], chart_name: str | None) -> str:
             lines.append(f"| {c['level']} | {c['spatial']}x{c['spatial']} | {c['channels']} | "
                          f"{c['xla_native_s'] * 1e3:.1f} | {c['ours_s'] * 1e3:.1f} | {c['torch_s'] * 1e3:.1f} |")
     lines += ["", "## 3. Compile time", ""]
+    if "startup" in res:
+        lines += ["### Startup against diffusers", ""] + startup_lines(res["startup"])
     comp = res.get("compile")
     if comp:
         cold, warm = comp["cold"], comp["warm"]
@@ -865,6 +978,19 @@ def render_markdown(res: dict[str, Any], chart_name: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_startup_markdown(res: dict[str, Any]) -> str:
+    """The report of a ``--startup`` run."""
+    env, a = res["environment"], res["settings"]
+    lines = ["# Startup: perflow-jax vs PyTorch diffusers", "",
+             "Generated by `scripts/benchmark.py --startup`; rerun it to regenerate this page.", "",
+             f"- Date: {env['date_utc']}; command: `{env['command']}`",
+             f"- Machine: {env['machine']}; JAX device: {env['jax_device']}; load average at the end: "
+             f"{', '.join(f'{x:.1f}' for x in res.get('loadavg_end', []))}",
+             f"- Model: {a['model_desc']}; {a['resolution']}x{a['resolution']}, {a['steps'][0]} steps, batch "
+             f"{a['batches'][0]}, guidance {a['guidance']}, {a['dtype']}", ""]
+    return "\n".join(lines + startup_lines(res["startup"]))
+
+
 def render_chart(res: dict[str, Any], path: str) -> None:
     """Images/s of both frameworks per grid point, and pipeline time against its limit broken down."""
     import matplotlib
@@ -936,6 +1062,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the cold/warm probes always use their own fresh folder")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch diffusers side")
     p.add_argument("--no-probes", action="store_true", help="skip the cold/warm compile and memory processes")
+    p.add_argument("--startup", action="store_true",
+                   help="measure only startup (time to first image cold and warm, load alone, against diffusers) "
+                        "in fresh processes at the first grid point, and report that")
     p.add_argument("--out", default=None, help="write the report (NAME.json, NAME.md, NAME.png) here")
     p.add_argument("--write-docs", action="store_true", help="also write the report to --docs-dir")
     p.add_argument("--docs-dir", default=os.path.join(ROOT, "docs", "benchmarks"),
@@ -948,8 +1077,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def write_report(res: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    """Write ``NAME.json`` (re-renderable with ``--from-json``), ``NAME.md`` and the ``NAME.png`` chart to
-    --out and, with --write-docs, to --docs-dir. Each file is written to a temp name and renamed."""
+    """Write ``NAME.json`` (re-renderable with ``--from-json``), ``NAME.md`` and the ``NAME.png`` chart (not for
+    a ``--startup`` run) to --out and, with --write-docs, to --docs-dir. Each file is written to a temp name and
+    renamed."""
     from perflow_jax.io import atomic_file
 
     written = []
@@ -959,11 +1089,14 @@ def write_report(res: dict[str, Any], args: argparse.Namespace) -> list[str]:
         base = os.path.join(folder, args.name)
         with atomic_file(base + ".json") as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)
-        with atomic_file(base + ".png") as tmp:
-            render_chart(res, tmp)
+        if "grid" in res:
+            with atomic_file(base + ".png") as tmp:
+                render_chart(res, tmp)
+            written.append(base + ".png")
         with atomic_file(base + ".md") as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(render_markdown(res, os.path.basename(base) + ".png"))
-        written += [base + ".json", base + ".md", base + ".png"]
+            f.write(render_markdown(res, os.path.basename(base) + ".png") if "grid" in res
+                    else render_startup_markdown(res))
+        written += [base + ".json", base + ".md"]
     return written
 
 
@@ -1016,14 +1149,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = environment(args, argv)
         res: dict[str, Any] = {"environment": env}
 
-        if not args.no_probes:
-            probe_cache = os.path.join(work, "probe-cache")
-            cold = run_probe("jax", folder, args, probe_cache)
-            warm = run_probe("jax", folder, args, probe_cache)
-            res["compile"] = {"cold": cold, "warm": warm}
-            res["memory"] = {"jax": cold}
-            if not args.no_torch:
-                res["memory"]["torch"] = run_probe("torch", folder, args)
+        if args.startup or not args.no_probes:
+            st = res["startup"] = run_startup(folder, work, args)
+            res["compile"] = {"cold": st["cold"], "warm": st["warm"]}
+            res["memory"] = {"jax": st["cold"], **({"torch": st["torch"][0]} if st["torch"] else {})}
+        if args.startup:
+            res["settings"] = {"model_desc": desc, "resolution": args.resolution, "steps": args.steps[:1],
+                               "batches": args.batches[:1], "guidance": args.guidance, "dtype": args.dtype}
+            res["loadavg_end"] = list(os.getloadavg())
+            for path in write_report(res, args):
+                print(f"wrote {path}")
+            print("\n".join(startup_lines(res["startup"])))
+            return 0
 
         cache = args.cache_dir or os.path.join(work, "cache")
         jpipe = load_jax_pipeline(folder, args.dtype, cache)

@@ -47,3 +47,39 @@ def test_benchmark_tiny_writes_report(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (rerender / "cpu-tiny.md").read_text() == (out / "cpu-tiny.md").read_text()
+
+
+def _benchmark_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("perflow_benchmark", os.path.join(ROOT, "scripts", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compile_log_attributes_jax_compile_times_to_programs() -> None:
+    """CompileLog reads JAX's own compile log of a real jit: the program is named, each phase timed, a second
+    call compiles nothing, and the startup section renders the table with ratios against diffusers."""
+    import jax
+    import jax.numpy as jnp
+
+    bench = _benchmark_module()
+    with bench.CompileLog() as log:
+        f = jax.jit(lambda x: jnp.tanh(x) * 3)
+        f(jnp.ones(7)).block_until_ready()
+        f(jnp.ones(7)).block_until_ready()
+    assert not jax.config.jax_log_compiles
+    rows = {r["program"]: r for r in log.table()}
+    assert "<lambda>" in rows
+    assert rows["<lambda>"]["compile"] > 0 and rows["<lambda>"]["lower"] > 0
+    assert abs(sum(r["share"] for r in rows.values()) - 1) < 1e-9
+
+    probe = {"import_s": 1.0, "load_s": 2.0, "compile_s": 3.0, "first_call_s": 4.0, "process_wall_s": 10.0,
+             "programs": log.table()}
+    torch_run = {"import_s": 1.0, "load_s": 1.0, "first_call_s": 4.0, "process_wall_s": 8.0}
+    st = {"cold": probe, "warm": {**probe, "process_wall_s": 9.0}, "torch": [torch_run, torch_run]}
+    st["rows"] = [{"key": "load", "what": "weight loading", "jax_s": 2.0, "torch_s": 1.0, "ratio": 2.0, "goal": 1.5}]
+    text = "\n".join(bench.startup_lines(st))
+    assert "| weight loading | 2.00 | 1.00 | **2.00** | ≤ 1.5 |" in text
+    assert "| `<lambda>` |" in text and "| diffusers run 2 |" in text

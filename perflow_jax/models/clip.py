@@ -22,6 +22,7 @@ import numpy as np
 from perflow_jax import values
 from perflow_jax.models.config_io import config_from_json
 from perflow_jax.models.convert import load_params
+from perflow_jax.models.shape_cache import cached_param_shapes
 
 HIDDEN_ACTS = ("quick_gelu", "gelu")
 LEGACY_EOS_TOKEN_ID = 2  # configs written before transformers PR #24773 pool at argmax(input_ids)
@@ -188,10 +189,15 @@ def load_clip_text_model(
 
 def clip_param_shapes(config: CLIPTextConfig, projection: bool) -> dict:
     """The params tree of ``CLIPTextModel`` (or, with `projection`, ``...WithProjection``) as
-    ``jax.ShapeDtypeStruct`` leaves, without allocating anything."""
-    model = _model_class(projection)(config)
-    ids = jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+    ``jax.ShapeDtypeStruct`` leaves, without allocating anything (traced once per config:
+    :func:`~perflow_jax.models.shape_cache.cached_param_shapes`)."""
+
+    def trace() -> dict:
+        model = _model_class(projection)(config)
+        ids = jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
+        return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+
+    return cached_param_shapes("clip-projection" if projection else "clip", config, trace)
 
 
 def _model_class(projection: bool) -> type[nn.Module]:

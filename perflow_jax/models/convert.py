@@ -6,9 +6,11 @@
    an opt-in pickle, or a converted Flax msgpack);
 2. :class:`perflow_jax.models.keymap.TorchKeyIndex` and :func:`~perflow_jax.models.keymap.to_flax_layout` turn
    each PyTorch key and layout into its Flax path and layout;
-3. each param is stored as a 64-byte-aligned host buffer (:func:`perflow_jax.models.host_memory.host_array`);
-4. every PyTorch key must be consumed and every Flax param filled with the right shape, or one
-   :class:`~perflow_jax.models.mismatch.ConversionError` lists what is missing, unexpected and mis-shaped.
+3. every PyTorch key must be consumed and every Flax param filled with the right shape, or one
+   :class:`~perflow_jax.models.mismatch.ConversionError` lists what is missing, unexpected and mis-shaped: for
+   safetensors this is checked from the header alone, before any tensor is read;
+4. each param is read once into a 64-byte-aligned host buffer (:mod:`perflow_jax.models.host_memory`), by
+   :data:`LOAD_THREADS` threads.
 
 :func:`torch_state_dict` / :func:`flax_to_torch` go the other way, with the same strict accounting.
 """
@@ -17,17 +19,19 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable, Collection, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
 import numpy as np
 from flax import traverse_util
 
-from perflow_jax.models.host_memory import host_array
+from perflow_jax.models.host_memory import aligned_empty, host_array
 from perflow_jax.models.keymap import TorchKeyIndex, to_flax_layout, to_torch_layout, torch_key, torch_layout_shape
 from perflow_jax.models.mismatch import ConversionError, KeyMismatch, compare_shapes
-from perflow_jax.models.weights_io import Weights, read_flax_checkpoint, read_weights
+from perflow_jax.models.weights_io import SafetensorsStateDict, Weights, read_flax_checkpoint, read_weights
 
 __all__ = [
     "ConversionError",
@@ -68,6 +72,11 @@ def torch_to_flax(
 ) -> dict:
     """Map a PyTorch state dict onto the Flax param tree whose shapes `target` gives (e.g. from ``eval_shape``).
 
+    Every key, path and shape is checked first (from the file header alone for a
+    :class:`~perflow_jax.models.weights_io.SafetensorsStateDict`); only then are the tensors read, each once,
+    by :data:`LOAD_THREADS` threads, straight into its 64-byte-aligned host buffer (a tensor whose layout or
+    dtype changes goes through one reusable per-thread scratch buffer).
+
     Args:
       state_dict: PyTorch key → NumPy array (a lazy mapping is read one tensor at a time).
       target: a (nested) params dict of arrays or ``ShapeDtypeStruct`` — the structure to fill.
@@ -82,29 +91,68 @@ def torch_to_flax(
     ignore_re = [re.compile(p) for p in ignore]
     shapes = param_shapes(target)
     index = TorchKeyIndex(shapes, rename)
-    filled: dict[Path, np.ndarray] = {}
+    lazy = state_dict if isinstance(state_dict, SafetensorsStateDict) else None
+    plan: dict[Path, str] = {}
     report = KeyMismatch()
-    for key, value in state_dict.items():
+    for key in state_dict:
         if any(r.search(key) for r in ignore_re):
             continue
+        shape = lazy.info(key).shape if lazy is not None else tuple(np.shape(state_dict[key]))
         path = index.flax_path(key)
         if path is None:
-            report.unexpected.append(f"{key} {tuple(value.shape)}")
+            report.unexpected.append(f"{key} {shape}")
             continue
         want = shapes[path]
-        arr = to_flax_layout(np.asarray(value), path[-1], want)
-        if tuple(arr.shape) != want:
-            report.misshaped.append(f"{key}: file {tuple(value.shape)} → expected Flax {'/'.join(path)} {want}")
+        if _layout_shape(shape, path[-1], want) != want:
+            report.misshaped.append(f"{key}: file {shape} → expected Flax {'/'.join(path)} {want}")
             continue
-        if path in filled:
+        if path in plan:
             report.unexpected.append(f"{key} (duplicate of an already filled {'/'.join(path)})")
             continue
-        filled[path] = host_array(arr, dtype)
-    report.missing = [f"{'/'.join(p)} {shapes[p]}" for p in shapes if p not in filled]
+        plan[path] = key
+    report.missing = [f"{'/'.join(p)} {shapes[p]}" for p in shapes if p not in plan]
     report.raise_if_any(f"The weights do not match the {what} architecture built from its config:",
                         labels=_TORCH_LABELS,
                         hint="Check that config.json belongs to these weights (same model family and sizes).")
-    return traverse_util.unflatten_dict(filled)
+    if lazy is None:
+        return traverse_util.unflatten_dict(
+            {p: host_array(to_flax_layout(np.asarray(state_dict[k]), p[-1], shapes[p]), dtype)
+             for p, k in plan.items()})
+    scratch = threading.local()
+
+    def read(path: Path, key: str) -> np.ndarray:
+        return _read_param(lazy, key, path[-1], shapes[path], dtype, scratch)
+
+    with ThreadPoolExecutor(max(1, min(LOAD_THREADS, len(plan)))) as pool:
+        arrays = list(pool.map(read, plan, plan.values()))  # largest tensors interleave; order kept
+    return traverse_util.unflatten_dict(dict(zip(plan, arrays, strict=True)))
+
+
+LOAD_THREADS = min(4, os.cpu_count() or 1)  # readers: the reads and copies release the GIL
+
+
+def _layout_shape(shape: tuple[int, ...], leaf: str, want: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape :func:`to_flax_layout` gives a tensor of `shape`, computed on a zero-byte view."""
+    return tuple(to_flax_layout(np.broadcast_to(np.empty((), np.uint8), shape), leaf, want).shape)
+
+
+def _read_param(sd: SafetensorsStateDict, key: str, leaf: str, want: tuple[int, ...], dtype: Any,
+                scratch: threading.local) -> np.ndarray:
+    """One tensor of `sd` as the Flax leaf `leaf` of shape `want`: read straight into its aligned buffer when
+    neither layout nor dtype changes, else into this thread's scratch buffer and re-laid / cast from there."""
+    info = sd.info(key)
+    if info.dtype is None:  # a dtype only safetensors' own reader knows
+        return host_array(to_flax_layout(sd[key], leaf, want), dtype)
+    probe = np.broadcast_to(np.empty((), info.dtype), info.shape)
+    same_layout = to_flax_layout(probe, leaf, want) is probe
+    if same_layout and (dtype is None or np.dtype(dtype) == info.dtype):
+        return sd.read_into(key, aligned_empty(info.shape, info.dtype))
+    nbytes = info.stop - info.start
+    buf = getattr(scratch, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = scratch.buf = np.empty(nbytes, np.uint8)
+    raw = sd.read_into(key, buf[:nbytes].view(info.dtype).reshape(info.shape))
+    return host_array(to_flax_layout(raw, leaf, want), dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,10 +11,19 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ALIGN", "host_array"]
+__all__ = ["ALIGN", "aligned_empty", "host_array"]
 
 ALIGN = 64  # bytes: XLA:CPU adopts 64-byte-aligned, C-contiguous host buffers in place (device_put copies nothing)
 _COPY_BAND = 64  # last-axis band width when re-laying a transposed tensor
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-contiguous, 64-byte-aligned array (XLA:CPU adopts it without copying)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(nbytes + ALIGN, np.uint8)
+    start = -buf.ctypes.data % ALIGN
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def host_array(value: np.ndarray, dtype: Any = None) -> np.ndarray:
@@ -25,10 +34,7 @@ def host_array(value: np.ndarray, dtype: Any = None) -> np.ndarray:
     """
     value = np.asarray(value)
     dtype = value.dtype if dtype is None else np.dtype(dtype)
-    nbytes = value.size * dtype.itemsize
-    buf = np.empty(nbytes + ALIGN, np.uint8)
-    start = -buf.ctypes.data % ALIGN
-    out = buf[start:start + nbytes].view(dtype).reshape(value.shape)
+    out = aligned_empty(value.shape, dtype)
     if value.flags.c_contiguous or value.ndim == 0:
         np.copyto(out, value, casting="unsafe")
     else:

@@ -37,6 +37,7 @@ from perflow_jax.models.layers import (
     Upsample2D,
     conv2d,
 )
+from perflow_jax.models.shape_cache import cached_param_shapes
 
 Dtype = Any
 
@@ -703,13 +704,18 @@ def _dummy_inputs(config: UNetConfig) -> dict[str, Any]:
 
 
 def unet_param_shapes(config: UNetConfig, ip_adapter: bool = False) -> dict:
-    """The params tree as ``jax.ShapeDtypeStruct`` leaves (float32), without allocating anything; with
-    `ip_adapter`, including the IP-Adapter's ``to_k_ip``/``to_v_ip`` layers."""
-    model = UNet2DConditionModel(config)
-    kw = _dummy_inputs(config)
-    if ip_adapter:
-        kw["ip_tokens"] = jnp.zeros((1, 1, config.encoder_dim), jnp.float32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), **kw))["params"]
+    """The params tree as ``jax.ShapeDtypeStruct`` leaves (float32), without allocating anything (traced once
+    per config: :func:`~perflow_jax.models.shape_cache.cached_param_shapes`); with `ip_adapter`, including the
+    IP-Adapter's ``to_k_ip``/``to_v_ip`` layers."""
+
+    def trace() -> dict:
+        model = UNet2DConditionModel(config)
+        kw = _dummy_inputs(config)
+        if ip_adapter:
+            kw["ip_tokens"] = jnp.zeros((1, 1, config.encoder_dim), jnp.float32)
+        return jax.eval_shape(lambda: model.init(jax.random.key(0), **kw))["params"]
+
+    return cached_param_shapes("unet+ip_adapter" if ip_adapter else "unet", config, trace)
 
 
 def init_unet_params(config: UNetConfig, rng: jax.Array) -> dict:

@@ -35,6 +35,7 @@ from perflow_jax.models.layers import (
     Upsample2D,
     conv2d,
 )
+from perflow_jax.models.shape_cache import cached_param_shapes
 
 VAE_EPS = 1e-6  # every GroupNorm in the VAE
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
@@ -282,10 +283,15 @@ class AutoencoderKL(nn.Module):
 
 
 def vae_param_shapes(config: VAEConfig) -> dict:
-    """The params tree as ``jax.ShapeDtypeStruct`` leaves (float32), without allocating anything."""
-    size = 2 * config.downscale_factor
-    images = jax.ShapeDtypeStruct((1, config.in_channels, size, size), jnp.float32)
-    return jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), images)["params"]
+    """The params tree as ``jax.ShapeDtypeStruct`` leaves (float32), without allocating anything (traced once
+    per config: :func:`~perflow_jax.models.shape_cache.cached_param_shapes`)."""
+
+    def trace() -> dict:
+        size = 2 * config.downscale_factor
+        images = jax.ShapeDtypeStruct((1, config.in_channels, size, size), jnp.float32)
+        return jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), images)["params"]
+
+    return cached_param_shapes("vae", config, trace)
 
 
 def load_vae(folder: str | os.PathLike, dtype: Any = None, variant: str | None = None,

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 from safetensors import safe_open
@@ -25,6 +27,7 @@ from perflow_jax.models.mismatch import ConversionError
 __all__ = [
     "FLAX_WEIGHTS",
     "SafetensorsStateDict",
+    "TensorInfo",
     "Weights",
     "find_weights_file",
     "weights_variants",
@@ -42,6 +45,10 @@ _REMAP_BYTES = 256 * 2**20
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # diffusers pickles its weights under the safetensors stem; transformers as pytorch_model.bin
 _PICKLE_STEMS = {"model": ("model", "pytorch_model")}
+# safetensors dtype names → NumPy dtypes (the ones safetensors' own NumPy reader returns); others are read by it
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "I64": np.int64,
+           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_MAX_READ = 2**30  # bytes per read call (Linux caps one read at just under 2 GiB)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -64,20 +71,75 @@ def _open_safetensors(path: str) -> Any:
         raise _unreadable(path, e) from e
 
 
+class TensorInfo(NamedTuple):
+    """Where one tensor lies in a safetensors file: its shape, NumPy dtype (None for a dtype only safetensors'
+    reader knows) and byte range."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype | None
+    path: str
+    start: int
+    stop: int
+
+
+def _read_header(path: str) -> dict[str, TensorInfo]:
+    """The tensor table of a safetensors file that :func:`_open_safetensors` has already validated."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    base = 8 + size
+    return {k: TensorInfo(tuple(v["shape"]), np.dtype(_DTYPES[v["dtype"]]) if v["dtype"] in _DTYPES else None,
+                          path, base + v["data_offsets"][0], base + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
 class SafetensorsStateDict(Mapping):
     """The tensors of one or more ``.safetensors`` files as a read-only mapping, each read on access with
     safetensors' NumPy API. A conversion that walks it holds one PyTorch tensor at a time next to the
-    converted params, not a whole second copy of the model (SD1.5's UNet: 3.3 GiB)."""
+    converted params, not a whole second copy of the model (SD1.5's UNet: 3.3 GiB).
+
+    :meth:`info` gives a tensor's shape and dtype from the header alone, and :meth:`read_into` reads its bytes
+    straight into a caller's buffer (no memory map, no intermediate copy, safe from threads): the
+    fast path of :func:`perflow_jax.models.convert.torch_to_flax`.
+    """
 
     def __init__(self, paths: Iterable[str | os.PathLike]):
         self._files: dict[str, Any] = {}
         self._where: dict[str, str] = {}
         self._mapped: dict[str, int] = {}
+        self._info: dict[str, TensorInfo] = {}
         for path in map(os.fspath, paths):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"Weights file {path!r} does not exist.")
             self._files[path] = handle = _open_safetensors(path)
             self._where.update(dict.fromkeys(handle.keys(), path))
+            try:
+                self._info.update(_read_header(path))
+            except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+                raise _unreadable(path, e) from e
+
+    def info(self, key: str) -> TensorInfo:
+        """`key`'s shape, dtype and place in its file, from the header (reads no tensor data)."""
+        return self._info[key]
+
+    def read_into(self, key: str, out: np.ndarray) -> np.ndarray:
+        """Read `key`'s bytes into `out` (C-contiguous, exactly the tensor's size) and return `out`.
+
+        Raises ConversionError when the file ends early (it changed after it was opened).
+        """
+        info = self._info[key]
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        if len(view) != info.stop - info.start or not out.flags.c_contiguous:
+            raise ValueError(f"read_into({key!r}): out must be C-contiguous with {info.stop - info.start} bytes.")
+        with open(info.path, "rb", buffering=0) as f:  # one handle per call: threads never share a position
+            f.seek(info.start)
+            done = 0
+            while done < len(view):
+                n = f.readinto(view[done:done + _MAX_READ])
+                if not n:
+                    raise _unreadable(info.path, EOFError(f"the file ends inside tensor {key!r}"))
+                done += n
+        return out
 
     def __getitem__(self, key: str) -> np.ndarray:
         path = self._where[key]

@@ -47,7 +47,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from perflow_jax import delta as delta_lib
-from perflow_jax import sampling, schedulers, sharding, values
+from perflow_jax import executable_cache, sampling, schedulers, sharding, values
 from perflow_jax.lora import load_lora, merge_loras
 from perflow_jax.models import adapter, vae_tiling
 from perflow_jax.models.adapter import UNetCondition
@@ -170,13 +170,17 @@ class StableDiffusionPipeline:
         :meth:`from_pretrained` does); elsewhere it is the caller's object, untouched.
       params: ``{"unet", "vae", "text_encoder"[, "text_encoder_2"]}`` in ``dtype``, replicated over the mesh.
       stats: :class:`GenerationStats` of the last call.
+      executable_cache: store each compiled generation program beside the persistent compilation cache (when it
+        is on) and load it in later processes instead of tracing, lowering and compiling it again
+        (:mod:`perflow_jax.executable_cache`; off by default, on in the CLI).
     """
 
     def __init__(self, components: PipelineComponents, scheduler: schedulers.Scheduler, *,
                  dtype: Any = jnp.float32, mesh: Mesh | None = None, decode_chunk_size: int | None = None,
                  attention_implementation: str | None = None, attention_chunk_size: int | None = None,
-                 vae_tile_size: int | None = None):
+                 vae_tile_size: int | None = None, executable_cache: bool = False):
         c = components
+        self.executable_cache = executable_cache
         self.scheduler = scheduler
         self.family = model_family(c)
         self.defaults = FAMILY_DEFAULTS[self.family]
@@ -243,8 +247,9 @@ class StableDiffusionPipeline:
           local_files_only: never download (as ``HF_HUB_OFFLINE=1``): repo ids must be in the local cache.
           ip_adapter, image_encoder: an IP-Adapter file and its CLIP image encoder folder (see
             :meth:`load_ip_adapter`); it adds to the ΔW- and LoRA-merged UNet.
-          kwargs: passed to the constructor (mesh, decode_chunk_size, attention options, vae_tile_size: encode and
-            decode images larger than this many pixels in blended tiles, see :mod:`perflow_jax.models.vae_tiling`).
+          kwargs: passed to the constructor (mesh, decode_chunk_size, attention options, executable_cache,
+            vae_tile_size: encode and decode images larger than this many pixels in blended tiles, see
+            :mod:`perflow_jax.models.vae_tiling`).
         """
         if ip_adapter is None and image_encoder is not None:
             raise ValueError("image_encoder= is only used with ip_adapter=; pass the IP-Adapter file too.")
@@ -338,13 +343,27 @@ class StableDiffusionPipeline:
             ip_adapter_scale=ip_adapter_scale))
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
-        """Run :meth:`program` for ``request.spec`` (compiled on first use, then cached by spec) and gather the
-        images to the host, padding rows dropped. Updates :attr:`stats`."""
+        """Run :meth:`program` for ``request.spec`` (compiled on first use, then cached by spec; with
+        ``executable_cache=True`` and the compilation cache on, a later process loads the stored executable:
+        :mod:`perflow_jax.executable_cache`) and gather the images to the host, padding rows dropped. Updates
+        :attr:`stats`."""
         spec = request.spec
         state = self.scheduler_state(spec.num_inference_steps, self.latent_shape(spec))
         args = (self.params, state, request.inputs, request.seed, request.guidance_scale)
-        images, self.stats = run_cached(self._compiled, spec, self.program, args, self.mesh, request.num_images)
+        describe = (lambda: self._program_description(spec)) if self.executable_cache else None
+        images, self.stats = run_cached(self._compiled, spec, self.program, args, self.mesh, request.num_images,
+                                        describe=describe)
         return images
+
+    def _program_description(self, spec: GenerationSpec) -> str:
+        """Everything :meth:`program` is built from besides its arguments' avals: the spec, the models (their
+        configs, dtypes and attention options), the scheduler, the VAE scaling and the mesh."""
+        image_prompt = self.image_prompt
+        return repr((type(self).__module__, type(self).__qualname__, spec, self.unet, self.vae, self.text_encoder,
+                     self.text_encoder_2, self.scheduler.name, self.scheduler.config, self.components.vae_config,
+                     self.mesh, self.vae_tile_size, getattr(self, "controlnets", None),
+                     None if image_prompt is None else (image_prompt.adapter, image_prompt.encoder,
+                                                        image_prompt.dtype)))
 
     # ------------------------------------------------------------------------------------------------------
     # Host side: validation, tokenisation, batching
@@ -676,16 +695,22 @@ def decode_latents(vae: AutoencoderKL, vae_params: Any, vae_config: Any, latents
 
 
 def run_cached(cache: dict, spec: Any, program: Callable[[Any], Callable[..., jax.Array]], args: tuple, mesh: Mesh,
-               rows: int) -> tuple[np.ndarray, GenerationStats]:
+               rows: int, describe: Callable[[], str] | None = None) -> tuple[np.ndarray, GenerationStats]:
     """Run ``program(spec)`` on ``args = (params, state, inputs, seed, guidance_scale)``: jitted with params,
     state, seed and guidance replicated and inputs and output batch-sharded over `mesh`, compiled on first use
-    and kept in `cache` by `spec`. Returns the output's first `rows` rows on the host, and the timings."""
+    and kept in `cache` by `spec`. With `describe` (everything the program is built from besides its arguments),
+    a later process loads the stored executable (:mod:`perflow_jax.executable_cache`). Returns the output's first
+    `rows` rows on the host, and the timings."""
     t0 = time.perf_counter()
     compiled = cache.get(spec)
     if compiled is None:
         rep, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
         fn = jax.jit(program(spec), in_shardings=(rep, rep, batch, rep, rep), out_shardings=batch)
-        compiled = cache[spec] = fn.lower(*args).compile()
+        if describe is not None:
+            compiled = executable_cache.load_or_compile(describe(), args, lambda: fn.lower(*args))
+        else:
+            compiled = fn.lower(*args).compile()
+        cache[spec] = compiled
     t1 = time.perf_counter()
     out = sharding.to_host(compiled(*args))[:rows]
     return out, GenerationStats(t1 - t0, time.perf_counter() - t1, len(cache))

@@ -163,15 +163,11 @@ def window_bounds(config: PeRFlowConfig, t: jax.typing.ArrayLike) -> tuple[jax.A
     Time points outside [t_clean, t_noise] raise ValueError when `t` is concrete; under ``jit`` they
     give NaN bounds.
     """
+    if common.is_concrete(t):
+        _check_in_range(config, np.asarray(t, np.float32))
     t = jnp.asarray(t, jnp.float32)
     tol = np.float32(0.1 / config.num_train_timesteps)
     in_range = (t >= np.float32(config.t_clean)) & (t <= np.float32(config.t_noise) + tol)
-    if common.is_concrete(t) and not bool(jnp.all(in_range)):
-        bad = np.asarray(t)[~np.asarray(in_range)]
-        raise ValueError(
-            f"Time points must lie in [t_clean, t_noise] = [{config.t_clean}, {config.t_noise}]; "
-            f"got {bad[:8].tolist()}."
-        )
     starts = jnp.asarray(config.window_starts, jnp.float32)
     ends = jnp.asarray(config.window_ends, jnp.float32)
     # Ends decrease, so the reference's `while t - tol <= ends[idx]: idx += 1` stops at this count.
@@ -179,6 +175,17 @@ def window_bounds(config: PeRFlowConfig, t: jax.typing.ArrayLike) -> tuple[jax.A
     idx = jnp.minimum(idx, config.num_time_windows - 1)
     nan = jnp.float32(jnp.nan)
     return jnp.where(in_range, starts[idx], nan), jnp.where(in_range, ends[idx], nan)
+
+
+def _check_in_range(config: PeRFlowConfig, t: np.ndarray) -> None:
+    """ValueError naming the time points outside [t_clean, t_noise] (NumPy: no device programs)."""
+    tol = np.float32(0.1 / config.num_train_timesteps)
+    in_range = (t >= np.float32(config.t_clean)) & (t <= np.float32(config.t_noise) + tol)
+    if not in_range.all():
+        raise ValueError(
+            f"Time points must lie in [t_clean, t_noise] = [{config.t_clean}, {config.t_noise}]; "
+            f"got {t[~in_range][:8].tolist()}."
+        )
 
 
 def window_alpha(config: PeRFlowConfig, t: jax.typing.ArrayLike) -> Window:
@@ -360,11 +367,8 @@ def set_timesteps(config: PeRFlowConfig, num_inference_steps: int, *,
     timepoints = timesteps.astype(np.float32) / n_train
     next_steps = np.append(timesteps[1:], 0)
     dt = (next_steps - timesteps).astype(np.float32) / n_train
-    t_s, t_e = window_bounds(config, timepoints)
-    if config.prediction_type == "velocity":
-        lam, eta = jnp.ones_like(t_s), jnp.zeros_like(t_s)
-    else:
-        lam, eta = window_end_coefficients(config, timepoints)
+    _check_in_range(config, timepoints)
+    t_s, t_e, lam, eta = _window_table(config, timepoints)
     return PeRFlowState(
         alphas_cumprod=jnp.asarray(_alphas_cumprod(config)),
         timesteps=jnp.asarray(timesteps, jnp.int32),
@@ -376,6 +380,16 @@ def set_timesteps(config: PeRFlowConfig, num_inference_steps: int, *,
         lambda_t=lam,
         eta_t=eta,
     )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _window_table(config: PeRFlowConfig, timepoints: jax.Array) -> tuple[jax.Array, ...]:
+    """(t_s, t_e, λ_t, η_t) of each time point as one program: run eagerly, these few dozen element-wise ops
+    each compiled a program of their own (seconds of a pipeline's first call on CPU)."""
+    t_s, t_e = window_bounds(config, timepoints)
+    if config.prediction_type == "velocity":
+        return t_s, t_e, jnp.ones_like(t_s), jnp.zeros_like(t_s)
+    return (t_s, t_e, *window_end_coefficients(config, timepoints))
 
 
 def velocity(config: PeRFlowConfig, state: PeRFlowState, model_output: jax.Array, step_index: Any,
