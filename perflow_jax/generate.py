@@ -132,7 +132,7 @@ def run(pipe: StableDiffusionPipeline, prompt_file: str, out: str, *, prompt_col
     num_steps = max(-(-n // local_n) for n in per_process)
 
     record = dict(steps=steps, height=height, width=width, **model)
-    writer = _ShardWriter(out, fmt, summary.num_images, shard_size, num_workers, max_pending=4 * local_n)
+    writer = _ShardWriter(out, fmt, summary.num_images, shard_size, num_workers, 4 * local_n, seed, negative_prompt)
     rows = _rows(prompt_file, prompt_column, images_per_prompt, mine, summary.num_images, shard_size)
     feeder = _Feeder(pipe, spec, seed, guidance, negative_prompt, local_n, mesh)
     bar = _Progress(pid == 0 and progress, log_jsonl if pid == 0 else None, sum(per_process), per_process, local_n)
@@ -147,6 +147,7 @@ def run(pipe: StableDiffusionPipeline, prompt_file: str, out: str, *, prompt_col
                 compiled = _compile(pipe, spec, args)
                 compile_s = time.perf_counter() - t0
                 t_run = time.perf_counter()
+                bar.start()  # rate and ETA count from here, not from before the compile
             images = compiled(*args)  # dispatched; the previous batch is written while this one runs
             if pending is not None:
                 writer.add(*pending)
@@ -310,8 +311,9 @@ class _ShardWriter:
     """Encodes images in a thread pool and writes each shard (in a second pool) once all its images are in."""
 
     def __init__(self, out: str, fmt: str, num_images: int, shard_size: int, num_workers: int | None,
-                 max_pending: int):
+                 max_pending: int, seed: int, negative: str | None):
         self.out, self.fmt, self.num_images, self.shard_size = out, fmt, num_images, shard_size
+        self.seed, self.negative = seed, negative
         workers = num_workers or max(1, min(8, (os.cpu_count() or 2)))
         self.encoders = cf.ThreadPoolExecutor(workers, thread_name_prefix="perflow-png")
         self.writers = cf.ThreadPoolExecutor(1, thread_name_prefix="perflow-shard")
@@ -325,7 +327,7 @@ class _ShardWriter:
         pixels = local_rows_of(images)[:len(chunk)]
         for row, image in zip(chunk, pixels, strict=True):
             self.slots.acquire()
-            meta = _image_record(row, record, guidance_of(row.prompt))
+            meta = _image_record(row, record, guidance_of(row.prompt), self.seed, self.negative)
             fut = self.encoders.submit(self._encode, row.number, image, meta)
             k = row.number // self.shard_size
             self.open.setdefault(k, []).append(fut)
@@ -359,10 +361,14 @@ class _ShardWriter:
         self.writers.shutdown(wait=True, cancel_futures=True)
 
 
-def _image_record(row: _Row, record: dict[str, Any], guidance: float) -> dict[str, Any]:
+def _image_record(row: _Row, record: dict[str, Any], guidance: float, seed: int, negative: str | None
+                  ) -> dict[str, Any]:
+    """The per-image JSON: the image's prompt, negative prompt, noise (seed; prompt_key when folded in), guidance,
+    and the job's sampling and model settings; nothing that depends on the layout."""
     p = row.prompt
     return {"image": row.number, "prompt_index": p.index, "image_index": row.image, "id": p.id, "prompt": p.prompt,
-            "negative_prompt": p.negative_prompt, "seed": p.seed, "prompt_key": prompts.prompt_key(p),
+            "negative_prompt": p.negative_prompt if p.negative_prompt is not None else negative,
+            "seed": seed if p.seed is None else p.seed, "prompt_key": prompts.prompt_key(p) if p.seed is None else None,
             "guidance_scale": guidance, **record}
 
 
@@ -381,6 +387,10 @@ class _Progress:
         self.bar = tqdm(total=total, unit="img", desc="generate", disable=not show, smoothing=0.1)
         self.log = open(log_jsonl, "a", encoding="utf-8") if log_jsonl else None  # noqa: SIM115 - closed in close()
         self.t0, self.done = time.perf_counter(), 0
+
+    def start(self) -> None:
+        self.bar.reset(total=self.total)
+        self.t0 = time.perf_counter()
 
     def update(self, step: int) -> None:
         # Every process runs the same steps; after step s, process p has run min(n_p, (s + 1)·local_n) images.
