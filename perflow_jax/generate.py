@@ -14,7 +14,7 @@ the shard size and the sampling settings define; the layout (processes, devices,
   hash of its ``id`` (:func:`perflow_jax.prompts.prompt_key`); a prompt with its own ``seed`` uses
   ``k = fold_in(key(seed), i)``, the noise of ``pipe(prompt, seed=seed)``'s image ``i``. Nothing of the layout
   enters, so with the same per-device batch the PNG bytes are the same on 1 device, N devices or N hosts.
-  (Ancestral schedulers also draw noise at each step, per global batch: their images do depend on the layout.)
+  (Schedulers that inject noise at every step draw it per global batch: their images do depend on the layout.)
 - **Guidance.** Classifier-free guidance is on for the whole job when the job's or any prompt's guidance scale
   is above 1; then a prompt with a scale ≤ 1 runs at scale 1 (its conditional prediction).
 - **Resume.** ``job.json`` records the settings when the job starts; a rerun with other settings is refused with
