@@ -31,6 +31,7 @@ import os
 import platform
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -96,8 +97,8 @@ def run(pipe: StableDiffusionPipeline, prompt_file: str, out: str, *, prompt_col
         raise ValueError(f"format must be one of {shards.SHARD_FORMATS}, got {fmt!r}.")
     summary = prompts.summarize(prompt_file, prompt_column, images_per_prompt)
     height, width = pipe._check_size(height, width)
-    steps = values.check_int("num_inference_steps", num_inference_steps or pipe.defaults.num_inference_steps,
-                             min_value=1)
+    steps = values.check_int("num_inference_steps", pipe.defaults.num_inference_steps if num_inference_steps is None
+                             else num_inference_steps, min_value=1)
     guidance = values.check_float("guidance_scale", pipe.defaults.guidance_scale if guidance_scale is None
                                   else guidance_scale, min_value=0.0)
     mesh = pipe.mesh
@@ -112,6 +113,7 @@ def run(pipe: StableDiffusionPipeline, prompt_file: str, out: str, *, prompt_col
         use_cfg=max(guidance, summary.max_guidance or 0.0) > 1.0,
         zero_negative=not any_negative and pipe.family == "sdxl" and pipe.force_zeros_for_empty_prompt,
         has_latents=True, output_type="uint8")
+    pipe.scheduler_state(steps, pipe.latent_shape(spec))  # the scheduler refuses bad step counts before job.json
     model = dict(model or {}) or {"model": pipe.components.path}
     model.update(family=pipe.family, scheduler=pipe.scheduler.name, dtype=pipe.dtype.name)
     settings = {
@@ -258,10 +260,18 @@ def job_program(pipe: StableDiffusionPipeline, spec: GenerationSpec):
     return program
 
 
+_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline → {spec: compiled job program}
+
+
 def _compile(pipe: StableDiffusionPipeline, spec: GenerationSpec, args: tuple) -> Any:
-    rep, batch = sharding.replicated(pipe.mesh), sharding.batch_sharded(pipe.mesh)
-    fn = jax.jit(job_program(pipe, spec), in_shardings=(rep, rep, batch, batch, batch, rep), out_shardings=batch)
-    return fn.lower(*args).compile()
+    """The job program for `spec`, compiled once per pipeline (a sweep of jobs on one pipeline reuses it)."""
+    cache = _PROGRAMS.setdefault(pipe, {})
+    if spec not in cache:
+        rep, batch = sharding.replicated(pipe.mesh), sharding.batch_sharded(pipe.mesh)
+        fn = jax.jit(job_program(pipe, spec), in_shardings=(rep, rep, batch, batch, batch, rep),
+                     out_shardings=batch)
+        cache[spec] = fn.lower(*args).compile()
+    return cache[spec]
 
 
 class _Feeder:
