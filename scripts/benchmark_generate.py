@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "generate_images_per_s": round(gen_ips, 4), "ratio": round(gen_ips / call_ips, 4),
                "generate_compile_seconds": round(compile_s, 2),
                "environment": bench.environment(argparse.Namespace(no_torch=True), argv or sys.argv[1:])}
+        res["environment"]["command"] = "python scripts/benchmark_generate.py " + " ".join(argv or sys.argv[1:])
         print(f"{res['preset'] or args.model} {args.resolution}x{args.resolution}, {args.steps} steps, batch "
               f"{args.batch} x {args.num_batches}: __call__ {call_ips:.3f} images/s, generate {gen_ips:.3f} "
               f"images/s, ratio {gen_ips / call_ips:.3f} (medians of {args.repeats})")
