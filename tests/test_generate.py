@@ -194,6 +194,22 @@ def test_folder_format(job, reference, tmp_path) -> None:
     assert lines == [json.loads(ref[f"{n:010d}.json"]) for n in (3, 4, 5)]
 
 
+def test_sweep_reuses_the_compiled_program(job, tmp_path) -> None:
+    """Two jobs on one pipeline with another seed and guidance scale (traced inputs) share one compiled
+    program; their images differ."""
+    from perflow_jax import generate
+    from perflow_jax.pipelines import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(job / "sd"))
+    kw = dict(images_per_prompt=2, num_inference_steps=4, global_batch=2, shard_size=3, progress=False)
+    a = generate.run(pipe, str(job / "prompts.jsonl"), str(tmp_path / "a"), guidance_scale=3.0, **kw)
+    b = generate.run(pipe, str(job / "prompts.jsonl"), str(tmp_path / "b"), guidance_scale=5.0, seed=1, **kw)
+    assert len(generate._PROGRAMS[pipe]) == 1 and b.compile_seconds < 0.1 * max(a.compile_seconds, 1e-3)
+    pa, pb = _pixels(tmp_path / "a"), _pixels(tmp_path / "b")
+    assert all(not np.array_equal(pa[k], pb[k]) for k in pa)
+    assert a.images == b.images == NUM_IMAGES and a.shards == b.shards == 4
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Scale: devices, processes, batch
 # ----------------------------------------------------------------------------------------------------------
