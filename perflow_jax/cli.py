@@ -1,10 +1,12 @@
-"""The ``perflow-jax`` command: ``sample``, ``convert``, ``train`` and ``bench``.
+"""The ``perflow-jax`` command: ``sample``, ``generate``, ``convert``, ``train`` and ``bench``.
 
 ``perflow-jax sample`` generates images with a diffusers-format SD/SDXL model or a single-file checkpoint
-(plus an optional PeRFlow ΔW and LoRAs) and writes PNGs and a grid; ``perflow-jax convert`` turns PyTorch
-weights into Flax checkpoints (or a merged model back into a diffusers folder); ``perflow-jax train`` runs
-PeRFlow reflow training from a YAML config. The CLI turns JAX's persistent compilation cache on
-(``--no-cache`` or ``PERFLOW_JAX_CACHE_DIR=off`` switches it off; ``bench`` manages its own).
+(plus an optional PeRFlow ΔW and LoRAs) and writes PNGs and a grid; ``perflow-jax generate`` runs a
+resumable generation job over a prompt file on every process and device (:mod:`perflow_jax.generate`);
+``perflow-jax convert`` turns PyTorch weights into Flax checkpoints (or a merged model back into a diffusers
+folder); ``perflow-jax train`` runs PeRFlow reflow training from a YAML config. The CLI turns JAX's
+persistent compilation cache on (``--no-cache`` or ``PERFLOW_JAX_CACHE_DIR=off`` switches it off; ``bench``
+manages its own).
 """
 
 from __future__ import annotations
@@ -68,22 +70,35 @@ def _delta_options(args: argparse.Namespace) -> dict:
     return dict(delta_variant=args.delta_variant, delta_is_merged=args.delta_is_merged, delta_base=args.delta_base)
 
 
+def _add_model_options(p: argparse.ArgumentParser, *, digits: bool) -> None:
+    """--model, --base, --delta (and its options), --lora (shared by sample and generate)."""
+    builtin = "'digits' (built-in PeRFlow model) or 'digits-teacher', " if digits else ""
+    p.add_argument("--model", required=True,
+                   help=f"{builtin}a diffusers-format folder, a Hugging Face repo id (downloaded unless cached or "
+                        "HF_HUB_OFFLINE=1), or a single-file .safetensors")
+    p.add_argument("--base", default=None, help="for a single-file --model: a diffusers folder of the same family")
+    p.add_argument("--delta", help="PeRFlow ΔW: delta_weights.safetensors, its folder, a UNet-format ΔW folder, or "
+                                   "a repo id (e.g. hansyan/perflow-sd15-delta-weights)")
+    _add_delta_options(p)
+    p.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA (diffusers/PEFT or kohya layout) after ΔW; repeatable")
+
+
+def _add_dtype_options(p: argparse.ArgumentParser) -> None:
+    """--dtype, --variant, --scheduler (shared by sample and generate)."""
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="params and activations (default fp32)")
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    p.add_argument("--scheduler", default=None,
+                   help="perflow (default; ddim for digits-teacher) or another registered scheduler")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perflow-jax", description="PeRFlow for Stable Diffusion in JAX/Flax.")
     p.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="generate images")
-    s.add_argument("--model", required=True,
-                   help="'digits' (built-in PeRFlow model) or 'digits-teacher', a diffusers-format folder, a "
-                        "Hugging Face repo id (downloaded unless cached or HF_HUB_OFFLINE=1), or a single-file "
-                        ".safetensors")
-    s.add_argument("--base", default=None, help="for a single-file --model: a diffusers folder of the same family")
-    s.add_argument("--delta", help="PeRFlow ΔW: delta_weights.safetensors, its folder, a UNet-format ΔW folder, or "
-                                   "a repo id (e.g. hansyan/perflow-sd15-delta-weights)")
-    _add_delta_options(s)
-    s.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="FILE[:SCALE]",
-                   help="merge a LoRA (diffusers/PEFT or kohya layout) after ΔW; repeatable")
+    _add_model_options(s, digits=True)
     s.add_argument("--prompt", required=True, nargs="+", help="one or more prompts (digits 0-9 for 'digits')")
     s.add_argument("--negative-prompt", default=None)
     s.add_argument("--steps", type=_positive_int, default=None, help="inference steps (default: the family's)")
@@ -95,10 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_seed, default=0, help="random seed in [0, 2**32)")
     s.add_argument("--height", type=int, default=None)
     s.add_argument("--width", type=int, default=None)
-    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="params and activations (default fp32)")
-    s.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
-    s.add_argument("--scheduler", default=None,
-                   help="perflow (default; ddim for digits-teacher) or another registered scheduler")
+    _add_dtype_options(s)
     s.add_argument("--init-image", default=None, help="img2img: an RGB image file")
     s.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.6)")
     s.add_argument("--decode-chunk-size", type=_positive_int, default=None, help="VAE decode chunk (memory)")
@@ -132,6 +144,41 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True,
                    help="output folder for PNGs and grid.png; a rerun replaces the images perflow-jax wrote there "
                         "and touches no other file")
+
+    g = sub.add_parser("generate", help="a generation job: a prompt file → image shards, on every process and "
+                                        "device, resumable (docs/generate.md)")
+    _add_model_options(g, digits=False)
+    g.add_argument("--prompts", required=True,
+                   help=".txt (one prompt per line), .jsonl (prompt, negative_prompt, seed, guidance_scale, "
+                        "num_images, id) or .csv")
+    g.add_argument("--prompt-column", default="prompt", help="the prompt's column (.csv) or field (.jsonl)")
+    g.add_argument("--negative-prompt", default=None, help="for prompts without their own negative_prompt")
+    g.add_argument("--images-per-prompt", type=int, default=1, help="for prompts without their own num_images")
+    g.add_argument("--steps", type=int, default=None, help="inference steps (default: the family's)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale for prompts without their own guidance_scale (default: the family's)")
+    g.add_argument("--seed", type=_seed, default=0, help="job seed in [0, 2**32)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    _add_dtype_options(g)
+    g.add_argument("--decode-chunk-size", type=_positive_int, default=None, help="VAE decode chunk (memory)")
+    g.add_argument("--global-batch", type=int, default=None,
+                   help="images per step over all devices, a multiple of the device count (default: the memory "
+                        "estimate's). The same per-device batch gives the same PNG bytes at any scale")
+    g.add_argument("--shard-size", type=int, default=1000, help="images per shard (fixed for the job)")
+    g.add_argument("--format", choices=("tar", "folder"), default="tar",
+                   help="tar: webdataset shards (KEY.png + KEY.json); folder: PNGs and a .jsonl per shard")
+    g.add_argument("--out", required=True, help="output folder (new, empty, or this job's: a rerun resumes it)")
+    g.add_argument("--workers", type=_positive_int, default=None, help="PNG encoding threads (default: CPUs, ≤ 8)")
+    g.add_argument("--log-jsonl", default=None, help="append machine-readable progress lines to this file")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-process: process 0's address (or $PERFLOW_JAX_COORDINATOR_ADDRESS); TPU pods and "
+                        "Slurm/MPI clusters are detected without it")
+    g.add_argument("--num-processes", type=int, default=None,
+                   help="multi-process: number of processes (or $PERFLOW_JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None,
+                   help="multi-process: this process's index (or $PERFLOW_JAX_PROCESS_ID)")
 
     c = sub.add_parser("convert", help="convert a PyTorch diffusers folder to Flax checkpoints")
     c.add_argument("src", help="pipeline folder (model_index.json), one model folder, a Hugging Face repo id, or a "
@@ -320,11 +367,32 @@ def _read_ip_image(args: argparse.Namespace) -> np.ndarray | None:
     return read_image(args.ip_image, "--ip-image")
 
 
+def _pipeline_options(args: argparse.Namespace) -> dict:
+    """``from_pretrained`` keywords of the model options sample and generate share (--base, --delta and its
+    options, --lora, --scheduler, --dtype, --variant, --decode-chunk-size)."""
+    import jax.numpy as jnp
+
+    return dict(base=args.base, delta=args.delta, **_delta_options(args), loras=args.lora,
+                scheduler=args.scheduler or "perflow", dtype=getattr(jnp, DTYPES[args.dtype or "fp32"]),
+                variant=args.variant, decode_chunk_size=args.decode_chunk_size)
+
+
+def _load_pipeline(args: argparse.Namespace, verbose: bool = True):
+    """The StableDiffusionPipeline of the shared model options (:func:`_pipeline_options`)."""
+    from perflow_jax.pipelines import StableDiffusionPipeline
+
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, **_pipeline_options(args))
+    if verbose:
+        print(f"loaded {args.model} ({pipe.family}, scheduler {pipe.scheduler.name}) in "
+              f"{time.perf_counter() - t0:.1f}s")
+    return pipe
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
     if args.model in DIGITS_MODELS:
         return _cmd_sample_digits(args)
     _check_upscale_args(args)
-    import jax.numpy as jnp
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -345,10 +413,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         raise CLIError("--strength applies to img2img only; pass --init-image too, or leave --strength out.")
     ip_image = _read_ip_image(args)
     t0 = time.perf_counter()
-    options = dict(base=args.base, delta=args.delta, **_delta_options(args), loras=args.lora,
-                   scheduler=args.scheduler or "perflow", dtype=getattr(jnp, DTYPES[args.dtype or "fp32"]),
-                   variant=args.variant, decode_chunk_size=args.decode_chunk_size, vae_tile_size=args.vae_tile_size,
-                   ip_adapter=args.ip_adapter, image_encoder=args.image_encoder, executable_cache=not args.no_cache)
+    options = dict(_pipeline_options(args), vae_tile_size=args.vae_tile_size, ip_adapter=args.ip_adapter,
+                   image_encoder=args.image_encoder, executable_cache=not args.no_cache)
     control: dict = {}
     if args.controlnet:
         pipe = StableDiffusionControlNetPipeline.from_pretrained(
@@ -410,6 +476,40 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     batched = f" in {len(batches)} batches of up to {bs}" if len(batches) > 1 else ""
     print(f"compile {compile_s:.2f}s, run {run_s:.2f}s for {n} images{batched} "
           f"({n / max(run_s, 1e-9):.2f} images/s); wrote {n} PNGs and {grid}")
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    """A generation job (perflow_jax.generate.run): checks first, then jax.distributed, the model and the job."""
+    from perflow_jax import generate, prompts, sharding
+
+    if args.model in DIGITS_MODELS:
+        raise CLIError("generate runs Stable Diffusion models; use `perflow-jax sample` for the digits model.")
+    if args.images_per_prompt < 1:
+        raise CLIError(f"--images-per-prompt must be ≥ 1, got {args.images_per_prompt}.")
+    for flag, v in (("--steps", args.steps), ("--global-batch", args.global_batch), ("--shard-size", args.shard_size)):
+        if v is not None and v < 1:
+            raise CLIError(f"{flag} must be ≥ 1, got {v}.")
+    generate.check_output(args.out)  # before any work: nothing is loaded or started for a bad job
+    prompts.summarize(args.prompts, args.prompt_column, args.images_per_prompt)
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    main_process = jax.process_index() == 0
+    pipe = _load_pipeline(args, verbose=main_process)
+    model = {"model": args.model, "base": args.base, "delta": args.delta,
+             "loras": [[f, s] for f, s in args.lora], "variant": args.variant}
+    result = generate.run(
+        pipe, args.prompts, args.out, prompt_column=args.prompt_column, images_per_prompt=args.images_per_prompt,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+        seed=args.seed, height=args.height, width=args.width, global_batch=args.global_batch,
+        shard_size=args.shard_size, fmt=args.format, model=model, num_workers=args.workers,
+        log_jsonl=args.log_jsonl, progress=not args.no_progress)
+    if main_process:
+        m = result.manifest
+        print(f"compile {result.compile_seconds:.2f}s, run {result.run_seconds:.2f}s; "
+              f"{m['counts']['shards_complete']}/{m['counts']['shards']} shards complete in {args.out} "
+              f"({m['throughput']['images_this_run']} images this run, "
+              f"{m['throughput']['images_per_second'] or 0:.2f} images/s)")
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -503,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     enable_compilation_cache(enable=not args.no_cache)  # the one place the CLI turns the persistent cache on
     try:
-        {"sample": _cmd_sample, "convert": _cmd_convert, "prepare": _cmd_prepare,
+        {"sample": _cmd_sample, "generate": _cmd_generate, "convert": _cmd_convert, "prepare": _cmd_prepare,
          "train": _cmd_train}[args.command](args)
     except (CLIError, OSError, ValueError) as e:  # OSError: missing, unreadable or unwritable files and folders
         print(f"perflow-jax {args.command}: error: {e}", file=sys.stderr)
