@@ -778,7 +778,7 @@ RELEASE_ROWS: list[Row] = [
         argv=("convert", "{tiny}", "{out}", "--delta-variant", "v0-1")),
     Row("sd-delta-base-without-merged", r"only used with --delta-is-merged",
         argv=(*_SD, "--delta", "{w}/d", "--delta-base", "{tiny}", "--out", "{out}"), setup=_TWO_VARIANTS),
-    Row("digits-delta-variant", r"--delta \(and its options\), --lora, --base and --init-image apply to Stable",
+    Row("digits-delta-variant", r"--delta \(and its options\), --lora, --base, --init-image, .* apply to Stable",
         argv=(*_DIGITS, "--delta-variant", "v0-1", "--out", "{out}")),
     Row("variant-in-no-folder", r"No model folder of .* has weights of variant 'v0-fix' \(unet, vae, text_encoder\)",
         argv=("convert", "{tiny}", "{out}", "--variant", "v0-fix")),

@@ -141,7 +141,7 @@ def test_latent_stage_matches_diffusers_without_guidance(tiny) -> None:
     (dict(latents=LOW_RES[:, :, :7]), "multiples of 2"),
     (dict(latents=np.full_like(LOW_RES, np.nan)), "finite"),
     (dict(image=np.zeros((2, 14, 16, 3))), "multiples of 4"),
-    (dict(image=np.full((2, 16, 16, 3), np.inf, np.float32)), "image has NaN"),
+    (dict(image=np.full((2, 16, 16, 3), np.inf, np.float32)), "image has non-finite values"),
     (dict(latents=np.zeros((3, 4, 8, 8), np.float32)), "3 inputs"),
     (dict(latents=LOW_RES, noise=NOISE[:, :, :8]), "noise must have shape (2, 4, 16, 16)"),
     (dict(latents=LOW_RES, output_type="png"), "output_type"),

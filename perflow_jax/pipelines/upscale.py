@@ -327,7 +327,7 @@ class LatentUpscalePipeline:
             low_res = np.repeat(low_res, n, axis=0) if low_res.shape[0] == 1 else low_res
             h, w = low_res.shape[2:]
         else:
-            images = _prepare_images(image, n)
+            images = _prepare_images(image, n, "image")
             if not np.isfinite(images).all():
                 raise ValueError("image has NaN or infinite values.")
             h, w = self._check_image_size(*images.shape[2:])
