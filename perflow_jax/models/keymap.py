@@ -3,9 +3,9 @@
 Names are matched generically: a PyTorch key ``down_blocks.0.resnets.1.conv1.weight`` and a Flax path
 ``down_blocks_0/resnets_1/conv1/kernel`` (or transformers' ``layers/0/...``) normalise to the same string, so
 one rule covers UNet, VAE and CLIP. A PyTorch ``weight`` is a Flax ``kernel`` (Dense, Conv), ``scale`` (norms)
-or ``embedding`` (Embed). Layouts: conv kernels OIHW ↔ HWIO (3-D: OIDHW ↔ DHWIO), linear weights (out, in) ↔ (in, out), and 1×1
-convs ↔ linears where one side uses the other. Model-specific renames (the VAE attention's ``to_q`` ↔ ``query``
-…) are plain ``str → str`` functions applied to PyTorch keys before the generic match.
+or ``embedding`` (Embed). Layouts: conv kernels OIHW ↔ HWIO (3-D: OIDHW ↔ DHWIO), linear weights (out, in) ↔
+(in, out), and 1×1 convs ↔ linears where one side uses the other. Model-specific renames (the VAE attention's
+``to_q`` ↔ ``query`` …) are plain ``str → str`` functions applied to PyTorch keys before the generic match.
 """
 
 from __future__ import annotations
