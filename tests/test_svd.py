@@ -21,9 +21,11 @@ import torch
 from PIL import Image
 
 from perflow_jax import schedulers
+from perflow_jax.cli import main
 from perflow_jax.models.unet_spatiotemporal import UNetSpatioTemporalConditionModel, load_unet_spatiotemporal
 from perflow_jax.models.vae_temporal import AutoencoderKLTemporalDecoder, decode_frames, load_temporal_vae
 from perflow_jax.pipelines.video import VideoPipeline, VideoSpec, added_time_ids, frame_guidance_scales
+from perflow_jax.video_io import write_video
 from tests.support.tiny_svd import SVD_SCHEDULER, make_tiny_svd
 
 TOL = 1e-5
@@ -273,3 +275,57 @@ def test_bad_input_is_refused_in_one_line(svd, image, kwargs, match):
     with pytest.raises(ValueError, match=match) as err:
         ours(image, **{**SETTINGS, "num_inference_steps": 1, **kwargs})
     assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Video files and the CLI
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext", [".gif", ".png", ".mp4"])
+def test_video_writers_round_trip(tmp_path, ext):
+    import imageio.v3 as iio
+
+    frames = np.zeros((3, 16, 24, 3), np.uint8)
+    frames[1], frames[2] = 128, 255
+    path = write_video(frames, tmp_path / f"v{ext}", fps=7)
+    back = iio.imread(path)  # a (F, H, W, C) stack
+    assert back.shape[:3] == (3, 16, 24)
+    means = back[..., :3].reshape(3, -1).mean(axis=1)
+    np.testing.assert_allclose(means, [0, 128, 255], atol=3)  # lossy H.264 within 3 levels; GIF/APNG exact
+    assert sorted(os.listdir(tmp_path)) == [f"v{ext}"]  # no temp file left
+
+
+def test_mp4_without_the_video_extra_is_a_clear_error(tmp_path):
+    with mock.patch("perflow_jax.video_io.has_mp4_writer", return_value=False), \
+            pytest.raises(ValueError, match=r"\[video\] extra"):
+        write_video(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "v.mp4", fps=7)
+    assert not os.listdir(tmp_path)
+
+
+def test_cli_video_writes_video_and_contact_sheet(svd, tmp_path, capsys, monkeypatch):
+    folder, ours = svd[0], svd[4]
+    # the fixture's pipeline, already compiled for this shape (the loader itself is tested above)
+    monkeypatch.setattr(VideoPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: ours))
+    image = tmp_path / "in.png"
+    Image.fromarray(IMAGE).save(image)
+    out = tmp_path / "out.mp4"
+    assert main(["--no-cache", "video", "--model", folder, "--image", str(image), "--frames", "3", "--fps", "7",
+                 "--motion-bucket-id", "127", "--steps", str(STEPS), "--decode-chunk-size", str(CHUNK),
+                 "--out", str(out)]) == 0
+    assert out.is_file() and (tmp_path / "out.sheet.png").is_file()
+    sheet = np.asarray(Image.open(tmp_path / "out.sheet.png"))
+    assert sheet.shape[0] > H and sheet.shape[1] > 2 * W  # 3 frames tiled
+    Image.fromarray(IMAGE).convert("L").save(tmp_path / "gray.png")
+    assert main(["--no-cache", "video", "--model", folder, "--image", str(tmp_path / "gray.png"),
+                 "--out", str(tmp_path / "x.gif")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs RGB" in err[0]
+    Image.fromarray(IMAGE[:12]).save(tmp_path / "odd.png")
+    assert main(["--no-cache", "video", "--model", folder, "--image", str(tmp_path / "odd.png"), "--steps", "1",
+                 "--out", str(tmp_path / "x.gif")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "multiples of 8" in err[0]
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses frames < 1 before loading anything
+        main(["video", "--model", folder, "--image", str(image), "--frames", "0", "--out", "x.gif"])
+    assert exit_.value.code == 2 and "--frames" in capsys.readouterr().err
