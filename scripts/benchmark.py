@@ -1190,7 +1190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         res["scheduler"] = bench_scheduler(jpipe, tpipe, res["grid"], args)
         res["controlnet"] = bench_controlnet(jpipe, args)
         if not args.no_torch:  # the tiny SVD is built with PyTorch diffusers
-            res["video"] = _video_module().bench_video(work, repeats=args.repeats, warmup=args.warmup)
+            res["video"] = _video_module().bench_video(work, steps=args.steps[0], repeats=args.repeats,
+                                                       warmup=args.warmup)
         if not args.no_torch:
             res["convs"] = bench_convs(jpipe, args)
         if jax.default_backend() == "gpu" and not args.no_torch and _torch_device() == "cuda":
