@@ -22,6 +22,7 @@ from PIL import Image
 
 from perflow_jax import schedulers
 from perflow_jax.cli import main
+from perflow_jax.models.keymap import flax_attention_to_torch, rename_torch_attention
 from perflow_jax.models.unet_spatiotemporal import UNetSpatioTemporalConditionModel, load_unet_spatiotemporal
 from perflow_jax.models.vae_temporal import AutoencoderKLTemporalDecoder, decode_frames, load_temporal_vae
 from perflow_jax.pipelines.video import VideoPipeline, VideoSpec, added_time_ids, frame_guidance_scales
@@ -329,3 +330,29 @@ def test_cli_video_writes_video_and_contact_sheet(svd, tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as exit_:  # argparse refuses frames < 1 before loading anything
         main(["video", "--model", folder, "--image", str(image), "--frames", "0", "--out", "x.gif"])
     assert exit_.value.code == 2 and "--frames" in capsys.readouterr().err
+
+
+def test_strict_conversion_and_round_trip(svd, tmp_path):
+    """Every key accounted for: a config that does not fit the weights lists the mismatches; Flax → PyTorch gives
+    back the file's keys and values (3-D temporal kernels re-laid OIDHW ↔ DHWIO)."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from perflow_jax.models.convert import torch_state_dict
+    from perflow_jax.models.mismatch import ConversionError
+
+    folder = svd[0]
+    config, params = load_temporal_vae(os.path.join(folder, "vae"))
+    ref = load_file(os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors"))
+    back = torch_state_dict(params, key=flax_attention_to_torch, rename=rename_torch_attention)
+    assert back.keys() == ref.keys()
+    assert all(np.array_equal(back[k], ref[k]) for k in ref)
+    assert ref["decoder.time_conv_out.weight"].ndim == 5
+    bad = tmp_path / "vae"
+    shutil.copytree(os.path.join(folder, "vae"), bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "layers_per_block": 3}))
+    with pytest.raises(ConversionError, match="missing"):
+        load_temporal_vae(bad)
