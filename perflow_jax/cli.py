@@ -180,6 +180,27 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--process-id", type=int, default=None,
                    help="multi-process: this process's index (or $PERFLOW_JAX_PROCESS_ID)")
 
+    v = sub.add_parser("video", help="image to video with Stable Video Diffusion (SVD)")
+    v.add_argument("--model", required=True, help="a diffusers StableVideoDiffusionPipeline folder")
+    v.add_argument("--image", required=True, help="the conditioning image: RGB, sides multiples of 8 (e.g. 1024×576)")
+    v.add_argument("--frames", type=_positive_int, default=None, help="frames to generate (default: the model's)")
+    v.add_argument("--fps", type=_positive_int, default=7, help="frame rate: conditions the model (as fps - 1) and "
+                                                               "sets the written video's rate (default 7)")
+    v.add_argument("--motion-bucket-id", type=int, default=127, help="amount of motion (default 127)")
+    v.add_argument("--noise-aug-strength", type=float, default=0.02,
+                   help="noise added to the conditioning image (default 0.02)")
+    v.add_argument("--steps", type=_positive_int, default=25, help="inference steps (default 25)")
+    v.add_argument("--min-guidance", type=float, default=1.0, help="guidance of the first frame (default 1)")
+    v.add_argument("--max-guidance", type=float, default=3.0, help="guidance of the last frame (default 3)")
+    v.add_argument("--decode-chunk-size", type=_positive_int, default=None,
+                   help="frames decoded together (default all; smaller saves memory, each chunk is its own clip)")
+    v.add_argument("--seed", type=_seed, default=0, help="random seed in [0, 2**32)")
+    v.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="UNet/encoder params and activations")
+    v.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    v.add_argument("--out", required=True, help="the video: .mp4 (the [video] extra; else a .gif is written "
+                                                "instead), .gif or .png (animated); a contact sheet "
+                                                "NAME.sheet.png is written beside it")
+
     c = sub.add_parser("convert", help="convert a PyTorch diffusers folder to Flax checkpoints")
     c.add_argument("src", help="pipeline folder (model_index.json), one model folder, a Hugging Face repo id, or a "
                               "single-file .safetensors checkpoint")
@@ -496,7 +517,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     main_process = jax.process_index() == 0
     pipe = _load_pipeline(args, verbose=main_process)
-    model = {"model": args.model, "base": args.base, "delta": args.delta,
+    model = {"model": args.model, "base": args.base, "delta": args.delta, **_delta_options(args),
              "loras": [[f, s] for f, s in args.lora], "variant": args.variant}
     result = generate.run(
         pipe, args.prompts, args.out, prompt_column=args.prompt_column, images_per_prompt=args.images_per_prompt,
@@ -510,6 +531,42 @@ def _cmd_generate(args: argparse.Namespace) -> None:
               f"{m['counts']['shards_complete']}/{m['counts']['shards']} shards complete in {args.out} "
               f"({m['throughput']['images_this_run']} images this run, "
               f"{m['throughput']['images_per_second'] or 0:.2f} images/s)")
+
+def _cmd_video(args: argparse.Namespace) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from perflow_jax import video_io
+    from perflow_jax.pipelines.video import VideoPipeline
+
+    out = os.fspath(args.out)
+    stem, ext = os.path.splitext(out)
+    if ext.lower() not in video_io.VIDEO_FORMATS:
+        raise CLIError(f"--out {out!r}: use a .mp4, .gif or .png (animated) file name.")
+    if ext.lower() == ".mp4" and not video_io.has_mp4_writer():
+        print("perflow-jax video: the [video] extra (imageio-ffmpeg) is not installed; writing a GIF instead.",
+              file=sys.stderr)
+        out = stem + ".gif"
+    if not os.path.isfile(args.image):
+        raise CLIError(f"--image {args.image!r} does not exist.")
+    try:
+        with Image.open(args.image) as im:
+            if im.mode != "RGB":
+                raise CLIError(f"--image {args.image!r} is a {im.mode!r} image; SVD needs RGB: convert it first.")
+            image = np.asarray(im)
+    except OSError as e:
+        raise CLIError(f"--image {args.image!r} is not an image file PIL can read ({e}).") from None
+    pipe = VideoPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype or "fp32"], variant=args.variant)
+    try:
+        frames = pipe(image, num_frames=args.frames, num_inference_steps=args.steps, fps=args.fps,
+                      motion_bucket_id=args.motion_bucket_id, noise_aug_strength=args.noise_aug_strength,
+                      min_guidance_scale=args.min_guidance, max_guidance_scale=args.max_guidance,
+                      decode_chunk_size=args.decode_chunk_size, seed=args.seed)
+    except ValueError as e:
+        raise CLIError(f"--image {args.image!r}: {e}" if "image" in str(e) else str(e)) from None
+    video_io.write_video(frames, out, args.fps)
+    sheet = video_io.write_contact_sheet(frames, stem + ".sheet.png")
+    print(f"wrote {len(frames)} frames to {out} and {sheet}")
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -603,7 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     enable_compilation_cache(enable=not args.no_cache)  # the one place the CLI turns the persistent cache on
     try:
-        {"sample": _cmd_sample, "generate": _cmd_generate, "convert": _cmd_convert, "prepare": _cmd_prepare,
+        {"sample": _cmd_sample, "generate": _cmd_generate, "video": _cmd_video, "convert": _cmd_convert,
+         "prepare": _cmd_prepare,
          "train": _cmd_train}[args.command](args)
     except (CLIError, OSError, ValueError) as e:  # OSError: missing, unreadable or unwritable files and folders
         print(f"perflow-jax {args.command}: error: {e}", file=sys.stderr)

@@ -10,7 +10,9 @@ One run measures, for a grid of step counts and batch sizes at one resolution:
    new prompt / seed / guidance scale does not recompile (``pipe.stats.num_compiled``);
 4. scheduler-only cost per step (a jitted loop with a free denoiser) against one UNet forward;
 5. peak memory per framework (RSS high-water mark of a separate process on CPU; device stats on GPU);
-6. on GPU only: cuDNN vs XLA attention and fp16/bf16 at 512x512 against PyTorch fp16 SDPA.
+6. on GPU only: cuDNN vs XLA attention and fp16/bf16 at 512x512 against PyTorch fp16 SDPA;
+7. Stable Video Diffusion on a tiny random SVD: the pipeline's overhead over its parts and frames/s of both
+   frameworks (``scripts/benchmark_video.py``, unless ``--no-torch``).
 
 Models: ``--preset sd15`` is the real SD1.5 architecture (the package's shipped configs,
 ``perflow_jax/models/configs/sd15``) with random weights, ``--preset tiny`` a small model for CPU smoke runs,
@@ -500,6 +502,16 @@ def bench_controlnet(jpipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def _video_module() -> Any:
+    """scripts/benchmark_video.py (the Stable Video Diffusion row), imported from beside this script."""
+    import importlib
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("benchmark_video")
+
+
 def check_recompile(jpipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     """New prompt, seed and guidance at an already compiled shape must reuse the compiled program."""
     steps, batch = args.steps[0], args.batches[0]
@@ -880,6 +892,8 @@ def render_markdown(res: dict[str, Any], chart_name: str | None) -> str:
                   f"| {c['steps']} | {c['batch']} | {_f(c['pipeline_s'])} | {_f(c['text_encode_s'])} | "
                   f"{_f(c['steps'] * c['unet_s'])} | {_f(c['steps'] * c['controlnet_s'])} | {_f(c['vae_decode_s'])} | "
                   f"{_f(c['limit_s'])} | **{_f(c['overhead'], 3)}**{mark} |"]
+    if res.get("video"):
+        lines += _video_module().markdown(res["video"], OVERHEAD_GOAL)
     lines += ["", "Stages alone, perflow-jax (XLA) vs PyTorch, seconds (same rounds), and the same sum for diffusers "
               "(its pipeline time / its own limit):", "",
               "| steps | batch | text encode jax | text encode torch | UNet jax | UNet torch | VAE decode jax | "
@@ -1175,6 +1189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         res["recompile_check"] = check_recompile(jpipe, args)
         res["scheduler"] = bench_scheduler(jpipe, tpipe, res["grid"], args)
         res["controlnet"] = bench_controlnet(jpipe, args)
+        if not args.no_torch:  # the tiny SVD is built with PyTorch diffusers
+            res["video"] = _video_module().bench_video(work, steps=args.steps[0], repeats=args.repeats,
+                                                       warmup=args.warmup)
         if not args.no_torch:
             res["convs"] = bench_convs(jpipe, args)
         if jax.default_backend() == "gpu" and not args.no_torch and _torch_device() == "cuda":

@@ -3,9 +3,9 @@
 Names are matched generically: a PyTorch key ``down_blocks.0.resnets.1.conv1.weight`` and a Flax path
 ``down_blocks_0/resnets_1/conv1/kernel`` (or transformers' ``layers/0/...``) normalise to the same string, so
 one rule covers UNet, VAE and CLIP. A PyTorch ``weight`` is a Flax ``kernel`` (Dense, Conv), ``scale`` (norms)
-or ``embedding`` (Embed). Layouts: conv kernels OIHW ↔ HWIO, linear weights (out, in) ↔ (in, out), and 1×1
-convs ↔ linears where one side uses the other. Model-specific renames (the VAE attention's ``to_q`` ↔ ``query``
-…) are plain ``str → str`` functions applied to PyTorch keys before the generic match.
+or ``embedding`` (Embed). Layouts: conv kernels OIHW ↔ HWIO (3-D: OIDHW ↔ DHWIO), linear weights (out, in) ↔
+(in, out), and 1×1 convs ↔ linears where one side uses the other. Model-specific renames (the VAE attention's
+``to_q`` ↔ ``query`` …) are plain ``str → str`` functions applied to PyTorch keys before the generic match.
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ def flax_attention_to_torch(key: str) -> str:
 def to_flax_layout(value: np.ndarray, leaf: str, shape: tuple[int, ...]) -> np.ndarray:
     """Re-lay a PyTorch tensor for the Flax leaf `leaf` of shape `shape` (a view; unchanged if not a kernel)."""
     if leaf == "kernel":
-        if value.ndim == 4:  # conv OIHW → HWIO
+        if value.ndim == 5:  # conv3d OIDHW → DHWIO
+            value = value.transpose(2, 3, 4, 1, 0)
+        elif value.ndim == 4:  # conv OIHW → HWIO
             value = value.transpose(2, 3, 1, 0)
             if len(shape) == 2 and value.shape[:2] == (1, 1):  # 1×1 conv → linear
                 value = value[0, 0]
@@ -117,7 +119,9 @@ def to_flax_layout(value: np.ndarray, leaf: str, shape: tuple[int, ...]) -> np.n
 def to_torch_layout(value: np.ndarray, leaf: str, torch_shape: tuple[int, ...]) -> np.ndarray:
     """Inverse of :func:`to_flax_layout`: a Flax leaf re-laid for a PyTorch tensor of shape `torch_shape`."""
     if leaf == "kernel":
-        if value.ndim == 4:  # conv HWIO → OIHW
+        if value.ndim == 5:  # conv3d DHWIO → OIDHW
+            value = value.transpose(4, 3, 0, 1, 2)
+        elif value.ndim == 4:  # conv HWIO → OIHW
             value = value.transpose(3, 2, 0, 1)
             if len(torch_shape) == 2:  # 1×1 conv → linear
                 value = value[:, :, 0, 0]
@@ -130,6 +134,8 @@ def to_torch_layout(value: np.ndarray, leaf: str, torch_shape: tuple[int, ...]) 
 
 def torch_layout_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The PyTorch shape of a Flax leaf: conv HWIO → OIHW, linear (in, out) → (out, in), others unchanged."""
+    if leaf == "kernel" and len(shape) == 5:
+        return (shape[4], shape[3], shape[0], shape[1], shape[2])
     if leaf == "kernel" and len(shape) == 4:
         return (shape[3], shape[2], shape[0], shape[1])
     if leaf == "kernel" and len(shape) == 2:

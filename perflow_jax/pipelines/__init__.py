@@ -1,6 +1,7 @@
 """Text-to-image and img2img pipelines (SD1.x, SD2.x, SDXL) with PeRFlow, in named stages, jitted and sharded;
 with ControlNets and the PeRFlow-Refiner in :mod:`perflow_jax.pipelines.controlnet` and the SD ×2 latent upscaler
-in :mod:`perflow_jax.pipelines.upscale`."""
+in :mod:`perflow_jax.pipelines.upscale`; Stable Video Diffusion (image → video) in
+:mod:`perflow_jax.pipelines.video`."""
 
 from perflow_jax.pipelines.controlnet import StableDiffusionControlNetPipeline
 from perflow_jax.pipelines.defaults import FAMILY_DEFAULTS, model_family
@@ -14,7 +15,8 @@ from perflow_jax.pipelines.stable_diffusion import (
     make_scheduler,
 )
 from perflow_jax.pipelines.upscale import LatentUpscalePipeline, load_upscaler_components
+from perflow_jax.pipelines.video import VideoPipeline
 
 __all__ = ["FAMILY_DEFAULTS", "GenerationInputs", "GenerationRequest", "GenerationSpec", "GenerationStats",
            "LatentUpscalePipeline", "StableDiffusionControlNetPipeline", "StableDiffusionPipeline", "load_components",
-           "load_upscaler_components", "make_scheduler", "model_family"]
+           "load_upscaler_components", "make_scheduler", "model_family", "VideoPipeline"]
