@@ -532,6 +532,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
               f"({m['throughput']['images_this_run']} images this run, "
               f"{m['throughput']['images_per_second'] or 0:.2f} images/s)")
 
+
 def _cmd_video(args: argparse.Namespace) -> None:
     import numpy as np
     from PIL import Image
