@@ -213,3 +213,92 @@ def test_bad_input_is_refused(model) -> None:
         UNet2DConditionModel(config.unet, num_views=4).apply({"params": params}, sample[:3], t, text[:3])
     with pytest.raises(ValueError, match="projection_class_embeddings_input_dim=16"):
         MultiViewConfig(dataclasses.replace(config.unet, class_embed_type=None))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pipeline and CLI
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mv_pipeline(tmp_path_factory, model):
+    """A tiny SD2.1 pipeline folder whose unet/ is the multi-view reference model, and a random ΔW for it."""
+    import shutil
+
+    from perflow_jax import delta as delta_lib
+    from perflow_jax.pipelines.multiview import split_base_params
+    from tests.support.tiny_sd import make_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("mvpipe")
+    make_tiny_pipeline(str(root / "pipe"), "sd21")
+    shutil.rmtree(root / "pipe" / "unet")
+    shutil.copytree(model[4], root / "pipe" / "unet")
+    base, _ = split_base_params(model[3])
+    rng = np.random.default_rng(3)
+    delta = jax.tree.map(lambda v: (0.01 * rng.standard_normal(v.shape)).astype(np.float32), base)
+    path = delta_lib.export(delta, root / "delta")
+    return root / "pipe", path, delta
+
+
+def test_orbit_cameras_look_at_the_origin() -> None:
+    from perflow_jax.pipelines.multiview import orbit_cameras
+
+    cams = orbit_cameras(30.0, [0.0, 90.0, 180.0, 270.0], distance=2.0)
+    assert cams.shape == (4, 4, 4)
+    for m in cams.astype(np.float64):
+        np.testing.assert_allclose(m[:3, :3] @ m[:3, :3].T, np.eye(3), atol=1e-6)  # a rotation
+        np.testing.assert_allclose(np.linalg.norm(m[:3, 3]), 2.0, rtol=1e-6)
+        np.testing.assert_allclose(-m[:3, 2], -m[:3, 3] / 2.0, atol=1e-6)  # looks down -z at the origin
+        np.testing.assert_allclose(np.degrees(np.arcsin(m[2, 3] / 2.0)), 30.0, rtol=1e-5)
+    np.testing.assert_allclose(cams[1, :3, 3], [0.0, 2 * np.cos(np.radians(30)), 1.0], atol=1e-6)
+    with pytest.raises(ValueError, match="elevation must be in"):
+        orbit_cameras(90.0, [0.0])
+
+
+def test_pipeline_with_delta_runs_at_four_steps(mv_pipeline, model) -> None:
+    from perflow_jax.pipelines.multiview import MultiViewPipeline, split_base_params
+
+    folder, delta_path, delta = mv_pipeline
+    params = model[3]
+    pipe = MultiViewPipeline.from_pretrained(folder, delta=delta_path)
+    # ΔW lands on the 2D weights only; camera and reference layers are untouched.
+    base, extra = split_base_params(pipe.params["unet"])
+    _, extra0 = split_base_params(params)
+    jax.tree.map(np.testing.assert_array_equal, extra, extra0)
+    want = jax.tree.map(lambda w, d: np.asarray(w) + d, split_base_params(params)[0], delta)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), base, want)
+    ref = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    images = pipe("a chair", num_views=4, elevation=15, num_inference_steps=4, guidance_scale=5.0,
+                  reference_image=ref, seed=1)
+    assert images.shape == (4, 16, 16, 3) and np.isfinite(images).all()
+    assert np.abs(images[0] - images[1]).max() > 0  # different cameras, different views
+    plain = MultiViewPipeline.from_pretrained(folder, scheduler="ddim")
+    other = plain("a chair", num_views=2, num_inference_steps=4, guidance_scale=1.0, seed=1)
+    assert other.shape == (2, 16, 16, 3)
+    with pytest.raises(ValueError, match=r"cameras must be \(N, 4, 4\)"):
+        pipe("a chair", cameras=np.zeros((4, 3, 4)))
+    with pytest.raises(ValueError, match="reference_image must be an RGB image of the output size"):
+        pipe("a chair", reference_image=ref[:8])
+    with pytest.raises(ValueError, match="3 azimuths for num_views=4"):
+        pipe("a chair", azimuths=[0, 90, 180])
+
+
+def test_cli_multiview_writes_views_and_a_contact_sheet(mv_pipeline, tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from perflow_jax.cli import main
+
+    folder, delta_path, _ = mv_pipeline
+    image = tmp_path / "ref.png"
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(image)
+    out = tmp_path / "out"
+    rc = main(["--no-cache", "multiview", "--model", str(folder), "--prompt", "a chair", "--image", str(image),
+               "--views", "4", "--elevation", "15", "--steps", "4", "--delta", str(delta_path), "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    names = sorted(p.name for p in out.iterdir())
+    assert [n for n in names if n.startswith("view_")] == [f"view_{i:04d}.png" for i in range(4)]
+    assert "contact_sheet.png" in names
+    assert np.asarray(Image.open(out / "contact_sheet.png")).shape[1] > 4 * 16
+    rc = main(["--no-cache", "multiview", "--model", str(folder), "--prompt", "x", "--image", str(tmp_path / "no.png"),
+               "--out", str(tmp_path / "o2")])
+    assert rc == 2 and "--image" in capsys.readouterr().err

@@ -1,9 +1,10 @@
 """Text-to-image and img2img pipelines (SD1.x, SD2.x, SDXL) with PeRFlow, in named stages, jitted and sharded;
 with ControlNets and the PeRFlow-Refiner in :mod:`perflow_jax.pipelines.controlnet` and the SD ×2 latent upscaler
-in :mod:`perflow_jax.pipelines.upscale`."""
+in :mod:`perflow_jax.pipelines.upscale`; multi-view generation in :mod:`perflow_jax.pipelines.multiview`."""
 
 from perflow_jax.pipelines.controlnet import StableDiffusionControlNetPipeline
 from perflow_jax.pipelines.defaults import FAMILY_DEFAULTS, model_family
+from perflow_jax.pipelines.multiview import MultiViewPipeline, orbit_cameras
 from perflow_jax.pipelines.stable_diffusion import (
     GenerationInputs,
     GenerationRequest,
@@ -16,5 +17,6 @@ from perflow_jax.pipelines.stable_diffusion import (
 from perflow_jax.pipelines.upscale import LatentUpscalePipeline, load_upscaler_components
 
 __all__ = ["FAMILY_DEFAULTS", "GenerationInputs", "GenerationRequest", "GenerationSpec", "GenerationStats",
-           "LatentUpscalePipeline", "StableDiffusionControlNetPipeline", "StableDiffusionPipeline", "load_components",
-           "load_upscaler_components", "make_scheduler", "model_family"]
+           "LatentUpscalePipeline", "MultiViewPipeline", "StableDiffusionControlNetPipeline",
+           "StableDiffusionPipeline", "load_components", "load_upscaler_components", "make_scheduler", "model_family",
+           "orbit_cameras"]
