@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -25,6 +26,9 @@ from perflow_jax.models.multiview_unet import (
 from perflow_jax.models.single_file import UNET_PREFIX, rewrite_key
 from perflow_jax.models.unet import UNet2DConditionModel
 from tests.support.tiny_sd import _perturb
+
+# One compiled program per (config, N, shapes): jitted as a pipeline runs it.
+apply_mv = jax.jit(multiview_apply, static_argnums=0, static_argnames=("num_views", "dtype"))
 
 # float32 on both sides; the same reductions in a different order (attention over N·HW tokens, GroupNorm) put
 # the tiny model ~1e-6 apart, so 1e-5 bounds it with margin while any layout or mixing error is ≥ 1e-2.
@@ -125,7 +129,7 @@ def test_matches_the_pytorch_reference(model, views: int) -> None:
     unet, mv, config, params, _ = model
     sample, t, text, cams, ref = _inputs(2 if views < 4 else 1, views)
     want = _torch_forward(unet, mv, sample, t, text, cams, ref, views)
-    got = multiview_apply(config, params, sample, t, text, num_views=views, cameras=cams, reference=ref)
+    got = apply_mv(config, params, sample, t, text, num_views=views, cameras=cams, reference=ref)
     err = float(np.abs(np.asarray(got) - want).max())
     assert err < TOL, f"N={views}: max |jax - torch| = {err:.2e}"
 
@@ -147,11 +151,39 @@ def test_cross_view_attention_mixes_views(model) -> None:
     changed[0] += 1.0
     for views, mixes in ((4, True), (1, False)):  # off: each view its own sample, with the same reference
         refs = np.repeat(ref, 4 // views, axis=0)
-        a, b = (np.asarray(multiview_apply(config, params, x, t, text, num_views=views, cameras=cams, reference=refs))
+        a, b = (np.asarray(apply_mv(config, params, x, t, text, num_views=views, cameras=cams, reference=refs))
                 for x in (sample, changed))
         assert np.abs(a[0] - b[0]).max() > 1e-3
         others = float(np.abs(a[1:] - b[1:]).max())
         assert (others > 1e-3) if mixes else (others == 0.0), (views, others)
+
+
+def test_half_precision_stays_close_to_float32(model) -> None:
+    _, _, config, params, _ = model
+    sample, t, text, cams, ref = _inputs(1, 2)
+    want = np.asarray(apply_mv(config, params, sample, t, text, num_views=2, cameras=cams, reference=ref))
+    got = apply_mv(config, params, sample, t, text, num_views=2, cameras=cams, reference=ref, dtype=jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    # bf16 keeps 8 mantissa bits (~4e-3 relative per op); float32 sinusoids, norms and softmax keep the whole
+    # tiny UNet within a few percent of float32, where a half-precision softmax or timestep embedding is not.
+    err = float(np.abs(np.asarray(got, np.float32) - want).max())
+    assert err < 0.05 * np.abs(want).max(), err
+
+
+def test_clip_image_tokens_as_the_reference(model) -> None:
+    _, _, config, params, _ = model
+    clip_cfg = MultiViewConfig(config.unet, reference="clip", reference_channels=24)
+    base = {k: _drop_ip(v) for k, v in params.items() if k not in ("class_embedding", "reference_proj")}
+    fresh = init_multiview_from_unet(clip_cfg, base, jax.random.key(1))
+    rng = np.random.default_rng(5)
+    fresh["reference_proj"]["kernel"] = rng.standard_normal((24, CROSS)).astype(np.float32)
+    sample, t, text, cams, _ = _inputs(1, 2)
+    tokens = rng.standard_normal((1, 7, 24)).astype(np.float32)
+    a, b = (np.asarray(apply_mv(clip_cfg, fresh, sample, t, text, num_views=2, cameras=cams, reference=r))
+            for r in (tokens, 2 * tokens))
+    assert np.abs(a - b).max() > 1e-3  # the tokens reach every view through to_k_ip/to_v_ip
+    with pytest.raises(ValueError, match=r"CLIP image tokens \(B, L, 24\)"):
+        multiview_apply(clip_cfg, fresh, sample, t, text, num_views=2, reference=tokens[..., :8])
 
 
 def _ldm_state_dict(unet, config) -> dict[str, np.ndarray]:
