@@ -99,9 +99,12 @@ class MultiViewPipeline:
         self.dtype = jnp.dtype(dtype)
         self.attention = dict(attention_implementation=attention_implementation,
                               attention_chunk_size=attention_chunk_size)
-        self.vae = AutoencoderKL(components.vae_config, dtype=self.dtype)
+        # The VAE stays float32 whatever `dtype` (its last layers set the pixels; it is a small part of the cost).
+        self.vae = AutoencoderKL(components.vae_config, dtype=jnp.float32)
         self.text_encoder = CLIPTextModel(components.text_encoder_config, dtype=self.dtype)
-        self.params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, self.dtype), params)
+        self.params = {k: jax.tree_util.tree_map(lambda a, k=k: jnp.asarray(a, jnp.float32 if k == "vae" else
+                                                                         self.dtype), v)
+                       for k, v in params.items()}
         self.vae_scale_factor = 2 ** (len(components.vae_config.block_out_channels) - 1)
         self._compiled: dict[tuple, Any] = {}
 
