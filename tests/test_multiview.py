@@ -287,6 +287,7 @@ def test_orbit_cameras_look_at_the_origin() -> None:
         orbit_cameras(90.0, [0.0])
 
 
+@pytest.mark.slow(reason="compiles two 4-step multi-view programs (CFG + reference, and bf16 DDIM)")
 def test_pipeline_with_delta_runs_at_four_steps(mv_pipeline, model) -> None:
     from perflow_jax.pipelines.multiview import MultiViewPipeline, split_base_params
 
