@@ -195,13 +195,25 @@ def _ldm_state_dict(unet, config) -> dict[str, np.ndarray]:
     return out
 
 
-def test_mvdream_ldm_layout_accounts_for_every_key(model) -> None:
+def test_mvdream_ldm_layout_accounts_for_every_key(model, tmp_path) -> None:
+    from safetensors.numpy import save_file
+
+    from perflow_jax.models.weights_io import load_state_dict
+
     unet, _, config, params, _ = model
     sd = _ldm_state_dict(unet, config)
     assert any(k.startswith(UNET_PREFIX + "camera_embed.0.") for k in sd)
     assert any(k.startswith(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k_ip") for k in sd)
-    got = multiview_params_from_ldm(sd, config)
+    got = multiview_params_from_ldm(sd | {"first_stage_model.decoder.conv_in.weight": np.zeros(1)}, config)
     jax.tree.map(np.testing.assert_array_equal, got, params)
+    # The released MVDream weights are a .pt pickle (opt-in); a safetensors conversion loads torch-free.
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "mvdream.pt")
+    save_file(sd, str(tmp_path / "mvdream.safetensors"))
+    for name, pickle_ok in (("mvdream.pt", True), ("mvdream.safetensors", False)):
+        loaded = load_state_dict(tmp_path / name, allow_pickle=pickle_ok)
+        jax.tree.map(np.testing.assert_array_equal, multiview_params_from_ldm(loaded, config), params)
+    with pytest.raises(ConversionError, match="pickle"):
+        load_state_dict(tmp_path / "mvdream.pt")
     with pytest.raises(ConversionError, match="camera_embed"):
         multiview_params_from_ldm({k: v for k, v in sd.items() if "camera_embed.2.weight" not in k}
                                   | {UNET_PREFIX + "camera_embed.5.weight": np.zeros((1,), np.float32)}, config)
