@@ -21,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,49 @@ def _median(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
+def measure_views(plain_cfg: UNetConfig, plain: dict, resolution: int, views: list[int], dtype: Any = jnp.float32,
+                  repeats: int = 5, attention: str | None = None) -> list[dict[str, Any]]:
+    """Rows ``{views, multiview_s, unet_1view_s, views_per_s, ratio_vs_n_unet}`` for a plain UNet config and its
+    params: the multi-view model is that UNet plus fresh camera layers (:func:`init_multiview_from_unet`)."""
+    mv_cfg = MultiViewConfig(dataclasses.replace(plain_cfg, class_embed_type="projection",
+                                                 projection_class_embeddings_input_dim=CAMERA_DIM, sample_size=None))
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), init_multiview_from_unet(mv_cfg, plain, jax.random.key(1)))
+    plain = jax.tree.map(lambda a: jnp.asarray(a, dtype), plain)
+    lat = resolution // 8
+    text_len, dim = 77, plain_cfg.encoder_dim
+    key = jax.random.key(2)
+
+    unet = UNet2DConditionModel(plain_cfg, dtype=dtype, attention_implementation=attention)
+    one = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))
+    x1 = jax.random.normal(key, (1, plain_cfg.in_channels, lat, lat))
+    c1 = jax.random.normal(key, (1, text_len, dim))
+    t_one = _median(one, plain, x1, jnp.array([500]), c1, repeats=repeats)
+
+    mv = jax.jit(multiview_apply, static_argnums=0,
+                 static_argnames=("num_views", "dtype", "attention_implementation"))
+    rows = []
+    for n in views:
+        x = jax.random.normal(key, (n, plain_cfg.in_channels, lat, lat))
+        c = jnp.broadcast_to(c1, (n, text_len, dim))
+        cams = orbit_cameras(15.0, [360.0 * i / n for i in range(n)])
+        t_mv = _median(lambda p, x, c, cams, n=n: mv(mv_cfg, p, x, jnp.array([500]), c, num_views=n, cameras=cams,
+                                                       dtype=dtype, attention_implementation=attention),
+                       params, x, c, cams, repeats=repeats)
+        rows.append({"views": n, "multiview_s": t_mv, "unet_1view_s": t_one, "views_per_s": n / t_mv,
+                     "ratio_vs_n_unet": t_mv / (n * t_one)})
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    """The rows as a Markdown table."""
+    lines = ["| N | multi-view (s) | views/s | plain UNet, 1 view (s) | multi-view / (N × UNet) |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['views']} | {r['multiview_s']:.4f} | {r['views_per_s']:.2f} | {r['unet_1view_s']:.4f} | "
+                     f"{r['ratio_vs_n_unet']:.2f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", help="scripts/configs/<preset> or a shipped family (sd15, sd21)")
@@ -73,42 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     plain_cfg = _unet_config(args.preset)
-    mv_cfg = MultiViewConfig(dataclasses.replace(plain_cfg, class_embed_type="projection",
-                                                 projection_class_embeddings_input_dim=CAMERA_DIM, sample_size=None))
-    dtype = DTYPES[args.dtype]
     plain = init_unet_params(plain_cfg, jax.random.key(0))
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), init_multiview_from_unet(mv_cfg, plain, jax.random.key(1)))
-    plain = jax.tree.map(lambda a: jnp.asarray(a, dtype), plain)
-    lat = args.resolution // 8
-    text_len, dim = 77, plain_cfg.encoder_dim
-    key = jax.random.key(2)
-
-    unet = UNet2DConditionModel(plain_cfg, dtype=dtype, attention_implementation=args.attention)
-    one = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))
-    x1 = jax.random.normal(key, (1, plain_cfg.in_channels, lat, lat))
-    c1 = jax.random.normal(key, (1, text_len, dim))
-    t_one = _median(one, plain, x1, jnp.array([500]), c1, repeats=args.repeats)
-
-    mv = jax.jit(multiview_apply, static_argnums=0,
-                 static_argnames=("num_views", "dtype", "attention_implementation"))
-    rows = []
-    for n in args.views:
-        x = jax.random.normal(key, (n, plain_cfg.in_channels, lat, lat))
-        c = jnp.broadcast_to(c1, (n, text_len, dim))
-        cams = orbit_cameras(15.0, [360.0 * i / n for i in range(n)])
-        t_mv = _median(lambda p, x, c, cams, n=n: mv(mv_cfg, p, x, jnp.array([500]), c, num_views=n, cameras=cams,
-                                                       dtype=dtype, attention_implementation=args.attention),
-                       params, x, c, cams, repeats=args.repeats)
-        rows.append({"views": n, "multiview_s": t_mv, "unet_1view_s": t_one, "views_per_s": n / t_mv,
-                     "ratio_vs_n_unet": t_mv / (n * t_one)})
-
-    print(f"# multi-view UNet, preset {args.preset}, {args.resolution}px ({lat}² latents), {args.dtype}, "
-          f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()}), median of {args.repeats}")
-    print("| N | multi-view (s) | views/s | plain UNet, 1 view (s) | multi-view / (N × UNet) |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['views']} | {r['multiview_s']:.4f} | {r['views_per_s']:.2f} | {r['unet_1view_s']:.4f} | "
-              f"{r['ratio_vs_n_unet']:.2f} |")
+    rows = measure_views(plain_cfg, plain, args.resolution, args.views, DTYPES[args.dtype], args.repeats,
+                         args.attention)
+    print(f"# multi-view UNet, preset {args.preset}, {args.resolution}px ({args.resolution // 8}² latents), "
+          f"{args.dtype}, {jax.devices()[0].platform} ({platform.processor() or platform.machine()}), median of "
+          f"{args.repeats}")
+    print("\n".join(table(rows)))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)
