@@ -241,8 +241,17 @@ def _drop_ip(tree):
     return {k: _drop_ip(v) for k, v in tree.items() if k not in ("to_k_ip", "to_v_ip")}
 
 
-def test_bad_input_is_refused(model) -> None:
-    _, _, config, params, _ = model
+def test_bad_input_is_refused(model, tmp_path) -> None:
+    import shutil
+
+    _, _, config, params, folder = model
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    for extra, match in (({"reference": "depth"}, "reference must be None or one of"),
+                         ({"views": 4}, r"expected an object with 'reference'.*\['views'\]"),
+                         ([1, 2], "expected an object")):
+        (tmp_path / MULTIVIEW_JSON).write_text(json.dumps(extra))
+        with pytest.raises(ValueError, match=match):
+            MultiViewConfig.from_folder(tmp_path)
     sample, t, text, cams, ref = _inputs(1, 4)
     kw = dict(num_views=4, cameras=cams, reference=ref)
     with pytest.raises(ValueError, match=r"Camera matrices must be \(4, 4, 4\)"):

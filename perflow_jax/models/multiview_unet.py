@@ -82,7 +82,7 @@ class MultiViewConfig:
                     extra = json.load(f)
             except (OSError, json.JSONDecodeError) as e:
                 raise ValueError(f"{path}: not readable JSON ({e}).") from None
-            unknown = sorted(set(extra) - {"reference", "reference_channels"})
+            unknown = sorted(set(extra) - {"reference", "reference_channels"}) if isinstance(extra, dict) else []
             if not isinstance(extra, dict) or unknown:
                 raise ValueError(f"{path}: expected an object with 'reference' and 'reference_channels', got keys "
                                  f"{unknown}.")
