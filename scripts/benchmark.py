@@ -6,6 +6,8 @@ One run measures, for a grid of step counts and batch sizes at one resolution:
    ``StableDiffusionPipeline`` with DDIM (one UNet call per step, like PeRFlow), and their ratio;
 2. overhead against the limit: pipeline time / (text encode + N x UNet forward + VAE decode), each timed alone
    through the pipeline's own public stages (``encode_prompt``, ``model_fn``, ``decode``), jitted;
+   likewise the multi-view UNet on N = 1, 2, 4 views against N x the plain UNet on one view
+   (``scripts/bench_multiview.py``);
 3. compile time cold (fresh persistent-cache folder) and warm (same folder, a second process), and that a
    new prompt / seed / guidance scale does not recompile (``pipe.stats.num_compiled``);
 4. scheduler-only cost per step (a jitted loop with a free denoiser) against one UNet forward;
@@ -512,6 +514,20 @@ def _video_module() -> Any:
     return importlib.import_module("benchmark_video")
 
 
+def bench_multiview(jpipe: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Multi-view UNet (the pipeline's UNet plus fresh camera layers, cross-view attention over N views) on the N
+    views of one sample against N × the plain UNet on one view (``scripts/bench_multiview.py``), N = 1, 2, 4."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from bench_multiview import measure_views
+
+    rows = measure_views(jpipe.components.unet_config, jpipe.components.unet_params, args.resolution, [1, 2, 4],
+                         jpipe.dtype, args.repeats)
+    for r in rows:
+        print(f"[multiview] N={r['views']}: {r['views_per_s']:.2f} views/s, multi-view / (N x UNet) "
+              f"{r['ratio_vs_n_unet']:.2f}", flush=True)
+    return rows
+
+
 def check_recompile(jpipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     """New prompt, seed and guidance at an already compiled shape must reuse the compiled program."""
     steps, batch = args.steps[0], args.batches[0]
@@ -894,6 +910,15 @@ def render_markdown(res: dict[str, Any], chart_name: str | None) -> str:
                   f"{_f(c['limit_s'])} | **{_f(c['overhead'], 3)}**{mark} |"]
     if res.get("video"):
         lines += _video_module().markdown(res["video"], OVERHEAD_GOAL)
+
+
+    if res.get("multiview"):
+        lines += ["", "Multi-view UNet (the UNet plus camera layers, self-attention over the N views of one sample) "
+                  "against N x the plain UNet on one view (`scripts/bench_multiview.py`):", "",
+                  "| N | multi-view s | views/s | UNet, 1 view s | multi-view / (N x UNet) |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['views']} | {_f(r['multiview_s'], 4)} | {_f(r['views_per_s'], 2)} | "
+                  f"{_f(r['unet_1view_s'], 4)} | {_f(r['ratio_vs_n_unet'], 2)} |" for r in res["multiview"]]
     lines += ["", "Stages alone, perflow-jax (XLA) vs PyTorch, seconds (same rounds), and the same sum for diffusers "
               "(its pipeline time / its own limit):", "",
               "| steps | batch | text encode jax | text encode torch | UNet jax | UNet torch | VAE decode jax | "
@@ -1192,6 +1217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_torch:  # the tiny SVD is built with PyTorch diffusers
             res["video"] = _video_module().bench_video(work, steps=args.steps[0], repeats=args.repeats,
                                                        warmup=args.warmup)
+
+
+        res["multiview"] = bench_multiview(jpipe, args)
         if not args.no_torch:
             res["convs"] = bench_convs(jpipe, args)
         if jax.default_backend() == "gpu" and not args.no_torch and _torch_device() == "cuda":

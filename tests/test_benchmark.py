@@ -33,9 +33,11 @@ def test_benchmark_tiny_writes_report(tmp_path):
     assert res["grid"][0]["limit_s"] > 0 and res["grid"][0]["overhead"] > 0
     assert res["recompile_check"]["recompiled"] is False
     assert res["video"]["overhead"] > 0 and res["video"]["diffusers_frames_per_s"] > 0  # the SVD row
+    assert [r["views"] for r in res["multiview"]] == [1, 2, 4] and all(r["views_per_s"] > 0 for r in res["multiview"])
     for folder in (out, docs):
         md = (folder / "cpu-tiny.md").read_text()
         assert "## 1. End-to-end images/s" in md and "Not run" in md  # no GPU section on CPU
+        assert "Multi-view UNet" in md
         assert "![images/s and time breakdown](cpu-tiny.png)" in md
         assert "Stable Video Diffusion image → video" in md
         assert (folder / "cpu-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -57,7 +57,7 @@ _FIXED: dict[str, tuple] = {
     "resnet_time_scale_shift": ("default",),
     "dual_cross_attention": (False,),
     "time_cond_proj_dim": (None,),
-    "class_embed_type": (None,),
+    "class_embed_type": (None, "projection"),
     "class_embeddings_concat": (False,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
@@ -162,6 +162,7 @@ class UNetConfig:
     use_linear_projection: bool = False
     upcast_attention: bool = False  # no effect: logits and softmax are always float32 here
     addition_embed_type: str | None = None
+    class_embed_type: str | None = None  # "projection": a float vector (e.g. a camera) MLP'd into the time embedding
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
     num_class_embeds: int | None = None
@@ -218,6 +219,10 @@ class UNetConfig:
                 self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
             raise ValueError("addition_embed_type='text_time' needs addition_time_embed_dim and "
                              "projection_class_embeddings_input_dim.")
+        if self.class_embed_type == "projection" and (self.projection_class_embeddings_input_dim is None
+                                                      or self.addition_embed_type is not None):
+            raise ValueError("class_embed_type='projection' needs projection_class_embeddings_input_dim and no "
+                             "addition_embed_type.")
         if len(set(self.per_block("cross_attention_dim"))) != 1:
             raise ValueError(f"cross_attention_dim {self.cross_attention_dim} must be the same for all "
                              "blocks (one encoder_hidden_states tensor feeds every block).")
@@ -313,6 +318,7 @@ class _AttnSpec:
     only_cross_attention: bool
     implementation: AttentionImpl
     chunk_size: int | None
+    num_views: int = 1  # > 1: self-attention runs jointly over the views of a sample (multi-view UNet)
 
 
 class ImageContext(NamedTuple):
@@ -367,7 +373,13 @@ class BasicTransformerBlock(nn.Module):
         ip = None
         if isinstance(context, ImageContext):
             context, ip = context.text, (context.ip_tokens, context.ip_scale)
-        x = x + attn("attn1")(LayerNorm(name="norm1")(x), context if s.only_cross_attention else None)
+        h = LayerNorm(name="norm1")(x)
+        if s.num_views > 1 and not s.only_cross_attention:  # (B·N, L, C) → (B, N·L, C): views attend jointly
+            bn, length, c = h.shape
+            h = attn("attn1")(h.reshape(bn // s.num_views, s.num_views * length, c)).reshape(bn, length, c)
+        else:
+            h = attn("attn1")(h, context if s.only_cross_attention else None)
+        x = x + h
         x = x + attn("attn2")(LayerNorm(name="norm2")(x), context, ip)
         return x + FeedForward(self.dtype, name="ff")(LayerNorm(name="norm3")(x))
 
@@ -514,12 +526,15 @@ class UNet2DConditionModel(nn.Module):
         or ``'cudnn'`` (GPU flash attention; fp16/bf16 only).
       attention_chunk_size: None, or process attention queries this many at a time (``lax.map``) to bound the
         memory of the ``(B, heads, Lq, Lk)`` logits at large resolutions; same result, somewhat slower.
+      num_views: the batch holds consecutive groups of this many views of one sample whose self-attention runs
+        jointly (MVDream; :mod:`perflow_jax.models.multiview_unet`). A shape, never a weight: 1 is the plain UNet.
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     attention_implementation: AttentionImpl = None
     attention_chunk_size: int | None = None
+    num_views: int = 1
 
     @nn.compact
     def __call__(
@@ -544,7 +559,8 @@ class UNet2DConditionModel(nn.Module):
           added_cond_kwargs: SDXL (``addition_embed_type="text_time"``) only: ``{"text_embeds": (B, P),
             "time_ids": (B, K)}`` with ``P + K·addition_time_embed_dim`` equal to
             ``projection_class_embeddings_input_dim``.
-          class_labels: ``(B,)`` ints, required iff ``num_class_embeds`` is set.
+          class_labels: ``(B,)`` ints, required iff ``num_class_embeds`` is set; with
+            ``class_embed_type="projection"``, optional ``(B, projection_class_embeddings_input_dim)`` floats.
           train: unused (SD UNets have no dropout); kept for a uniform model signature.
           down_block_additional_residuals: ControlNet residuals ``(B, C_i, H_i, W_i)``, one per skip connection
             (``conv_in`` output first), added to the skips before the up blocks, as diffusers does.
@@ -562,6 +578,9 @@ class UNet2DConditionModel(nn.Module):
         chex.assert_axis_dimension(sample, 1, cfg.in_channels,
                                    custom_message=f"UNet `sample` needs {cfg.in_channels} channels (NCHW)")
         b = sample.shape[0]
+        if self.num_views < 1 or b % self.num_views:
+            raise ValueError(f"UNet batch {b} is not a whole number of groups of num_views={self.num_views} views; "
+                             "pass B·N samples, the N views of each sample consecutive.")
         chex.assert_shape(encoder_hidden_states, (b, None, cfg.encoder_dim),
                           custom_message="UNet `encoder_hidden_states` must be (B, L, cross_attention_dim)")
 
@@ -640,7 +659,7 @@ class UNet2DConditionModel(nn.Module):
         else:  # mid: one transformer between two resnets; only_cross_attention does not apply
             r, depths = n - 1, _depths(tlayers[-1], 1)
         return _AttnSpec(heads[r], depths, cfg.use_linear_projection, only_cross[r] and where != "mid",
-                         self.attention_implementation, self.attention_chunk_size)
+                         self.attention_implementation, self.attention_chunk_size, self.num_views)
 
     def _embedding(self, timesteps: jax.Array | float | int, b: int, added_cond_kwargs: Mapping | None,
                    class_labels: jax.Array | None) -> jax.Array:
@@ -659,6 +678,13 @@ class UNet2DConditionModel(nn.Module):
             chex.assert_shape(class_labels, (b,), custom_message="UNet `class_labels` must be (B,) ints")
             emb = emb + nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, dtype=self.dtype,
                                  name="class_embedding")(class_labels)
+        elif cfg.class_embed_type == "projection":
+            if class_labels is not None:  # None: no class (camera) conditioning at all
+                chex.assert_shape(class_labels, (b, cfg.projection_class_embeddings_input_dim),
+                                  custom_message="UNet `class_labels` must be (B, projection_class_embeddings_"
+                                                 "input_dim) floats")
+                emb = emb + TimestepEmbedding(cfg.time_embed_dim, self.dtype, name="class_embedding")(
+                    class_labels.astype(jnp.float32))
         elif class_labels is not None:
             raise ValueError("`class_labels` were passed but this UNet has no class embedding "
                              "(num_class_embeds is None).")
@@ -700,6 +726,8 @@ def _dummy_inputs(config: UNetConfig) -> dict[str, Any]:
         kw["added_cond_kwargs"] = {"text_embeds": jnp.zeros((1, p)), "time_ids": jnp.zeros((1, 1))}
     if config.num_class_embeds is not None:
         kw["class_labels"] = jnp.zeros((1,), jnp.int32)
+    elif config.class_embed_type == "projection":
+        kw["class_labels"] = jnp.zeros((1, config.projection_class_embeddings_input_dim), jnp.float32)
     return kw
 
 
