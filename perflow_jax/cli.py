@@ -206,7 +206,10 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prompt", required=True, nargs="+", help="one or more prompts; N views each")
     m.add_argument("--negative-prompt", default="")
     m.add_argument("--image", default=None, metavar="FILE",
-                   help="reference image (RGB, the output size) for a model with reference-image layers")
+                   help="reference image for a model with reference-image layers (RGB; for reference='latent' "
+                        "models of the output size, for reference='clip' any size)")
+    m.add_argument("--image-encoder", default=None, metavar="DIR",
+                   help="reference='clip' models: the CLIP image encoder folder (default: the model's image_encoder/)")
     m.add_argument("--views", type=_positive_int, default=4, help="views per prompt, evenly spaced in azimuth")
     m.add_argument("--elevation", type=float, default=15.0, help="camera elevation in degrees")
     m.add_argument("--distance", type=float, default=1.0, help="camera distance from the object")
@@ -602,7 +605,8 @@ def _cmd_multiview(args: argparse.Namespace) -> None:
     out = OutputFolder(args.out, n, prefix="view", extra=(sheet,))  # checked before any work
     image = _read_init_image(args.image, "--image") if args.image is not None else None
     t0 = time.perf_counter()
-    pipe = MultiViewPipeline.from_pretrained(args.model, delta=args.delta, scheduler=args.scheduler)
+    pipe = MultiViewPipeline.from_pretrained(args.model, delta=args.delta, scheduler=args.scheduler,
+                                             image_encoder=args.image_encoder)
     print(f"loaded {args.model} (scheduler {pipe.scheduler.name}) in {time.perf_counter() - t0:.1f}s")
     t0 = time.perf_counter()
     images = pipe(args.prompt, args.negative_prompt, num_views=args.views, elevation=args.elevation,

@@ -356,3 +356,39 @@ def test_cli_multiview_writes_views_and_a_contact_sheet(mv_pipeline, tmp_path, c
     rc = main(["--no-cache", "multiview", "--model", str(folder), "--prompt", "x", "--image", str(tmp_path / "no.png"),
                "--out", str(tmp_path / "o2")])
     assert rc == 2 and "--image" in capsys.readouterr().err
+
+
+def test_pipeline_with_a_clip_reference(mv_pipeline, model, tmp_path) -> None:
+    """A reference="clip" model in the pipeline: the reference image goes through CLIP preprocessing and the
+    image encoder's penultimate states; its effect scales with the traced reference_scale (0: none at all)."""
+    from perflow_jax.models.clip_vision import load_clip_vision_model
+    from perflow_jax.pipelines.multiview import MultiViewPipeline
+    from tests.support.tiny_ip_adapter import ENCODER, save_tiny_encoder
+
+    _, _, config, params, _ = model
+    latent = MultiViewPipeline.from_pretrained(mv_pipeline[0], scheduler="ddim")
+    with pytest.raises(ValueError, match="image_encoder= is for reference='clip' models"):
+        MultiViewPipeline.from_pretrained(mv_pipeline[0], image_encoder=tmp_path)
+    hidden = ENCODER["hidden_size"]
+    clip_cfg = MultiViewConfig(config.unet, reference="clip", reference_channels=hidden)
+    base = {k: _drop_ip(v) for k, v in params.items() if k not in ("class_embedding", "reference_proj")}
+    fresh = init_multiview_from_unet(clip_cfg, base, jax.random.key(1))
+    fresh["reference_proj"]["kernel"] = np.random.default_rng(6).standard_normal((hidden, CROSS)).astype(np.float32)
+    save_tiny_encoder(str(tmp_path / "enc"))
+    enc_config, enc_params = load_clip_vision_model(tmp_path / "enc")
+    ps = {**latent.params, "unet": fresh, "image_encoder": enc_params}
+    pipe = MultiViewPipeline(clip_cfg, ps, latent.components, latent.scheduler, image_encoder_config=enc_config)
+    rng = np.random.default_rng(0)
+    ref_a, ref_b = (rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(2))  # any size: CLIP crops
+    run = lambda ref, scale: pipe("a chair", num_views=2, num_inference_steps=2, guidance_scale=3.0,  # noqa: E731
+                                  reference_image=ref, reference_scale=scale, seed=1)
+    off_a, off_b, on_a, on_b = run(ref_a, 0.0), run(ref_b, 0.0), run(ref_a, 1.0), run(ref_b, 1.0)
+    assert len(pipe._compiled) == 1  # the scale is traced
+    np.testing.assert_allclose(off_a, off_b, atol=1e-6)  # scale 0: the reference has no effect
+    assert np.abs(on_a - on_b).max() > 1e-4 and np.abs(on_a - off_a).max() > 1e-4
+    no_encoder = MultiViewPipeline(clip_cfg, {**latent.params, "unet": fresh}, latent.components, latent.scheduler)
+    with pytest.raises(ValueError, match="needs this reference='clip' model's CLIP image encoder"):
+        no_encoder("a chair", num_views=2, reference_image=ref_a)
+    with pytest.raises(ValueError, match="hidden size is 32 but the model's reference_channels is 8"):
+        MultiViewPipeline(MultiViewConfig(config.unet, reference="clip", reference_channels=8), ps,
+                          latent.components, latent.scheduler, image_encoder_config=enc_config)

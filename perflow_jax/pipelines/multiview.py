@@ -28,6 +28,12 @@ from perflow_jax import delta as delta_lib
 from perflow_jax import sampling, schedulers, values
 from perflow_jax.io import read_json
 from perflow_jax.models.clip import CLIPTextModel, load_clip_text_model
+from perflow_jax.models.clip_vision import (
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    load_clip_vision_model,
+    preprocess_images,
+)
 from perflow_jax.models.components import PipelineComponents, load_tokenizer, read_model_index
 from perflow_jax.models.multiview_unet import MultiViewConfig, load_multiview_unet, multiview_apply
 from perflow_jax.models.vae import AutoencoderKL, load_vae
@@ -84,16 +90,25 @@ def merge_base_delta(params: Mapping, delta: Mapping, scale: float = 1.0) -> dic
 
 
 class MultiViewPipeline:
-    """N consistent views per prompt, optionally conditioned on a reference image (``reference="latent"``
-    models: the image is VAE-encoded, and the unconditional branch of CFG sees zero latents).
+    """N consistent views per prompt, optionally conditioned on a reference image: ``reference="latent"`` models
+    see its VAE latents, ``reference="clip"`` models the penultimate hidden states of a CLIP image encoder
+    (ImageDream / IP-Adapter Plus style); the unconditional branch of CFG sees zeros of the same shape.
 
-    Build it with :meth:`from_pretrained`, then call it. ``params`` holds ``{"unet", "vae", "text_encoder"}``.
+    Build it with :meth:`from_pretrained`, then call it. ``params`` holds ``{"unet", "vae", "text_encoder"}`` and,
+    for ``reference="clip"`` models, ``"image_encoder"``.
     """
 
     def __init__(self, config: MultiViewConfig, params: dict, components: PipelineComponents,
                  scheduler: schedulers.Scheduler, *, dtype: Any = jnp.float32,
-                 attention_implementation: str | None = None, attention_chunk_size: int | None = None):
+                 attention_implementation: str | None = None, attention_chunk_size: int | None = None,
+                 image_encoder_config: CLIPVisionConfig | None = None):
         self.config = config
+        self.image_encoder = (None if image_encoder_config is None else
+                              CLIPVisionModelWithProjection(image_encoder_config, dtype=jnp.dtype(dtype)))
+        if self.image_encoder is not None and image_encoder_config.hidden_size != config.reference_channels:
+            raise ValueError(f"The image encoder's hidden size is {image_encoder_config.hidden_size} but the model's "
+                             f"reference_channels is {config.reference_channels}; pass the encoder it was trained "
+                             "with.")
         self.components = components
         self.scheduler = scheduler
         self.dtype = jnp.dtype(dtype)
@@ -111,9 +126,11 @@ class MultiViewPipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, delta: str | os.PathLike | None = None,
                         delta_scale: float = 1.0, scheduler: str = "perflow", dtype: Any = jnp.float32,
-                        **kwargs: Any) -> MultiViewPipeline:
+                        image_encoder: str | os.PathLike | None = None, **kwargs: Any) -> MultiViewPipeline:
         """Load a multi-view model folder, merge an optional PeRFlow ΔW of its base SD family (a file or folder,
-        as :func:`perflow_jax.delta.read_delta` takes) into the 2D weights, and pick a scheduler."""
+        as :func:`perflow_jax.delta.read_delta` takes) into the 2D weights, and pick a scheduler. A
+        ``reference="clip"`` model also loads its CLIP image encoder: `image_encoder`, else the folder's
+        ``image_encoder/`` (without one, reference images are refused at call time)."""
         root = os.fspath(path)
         index = read_model_index(root)
         config, unet_params = load_multiview_unet(os.path.join(root, "unet"))
@@ -128,7 +145,17 @@ class MultiViewPipeline:
                                         te_config, te_params, tokenizer,
                                         read_json(sched_path) if os.path.isfile(sched_path) else None)
         params = {"unet": unet_params, "vae": vae_params, "text_encoder": te_params}
-        return cls(config, params, components, make_scheduler(components, scheduler), dtype=dtype, **kwargs)
+        encoder_config = None
+        if image_encoder is not None and config.reference != "clip":
+            raise ValueError(f"image_encoder= is for reference='clip' models; this one has "
+                             f"reference={config.reference!r}.")
+        encoder_dir = os.fspath(image_encoder) if image_encoder is not None else os.path.join(root, "image_encoder")
+        if config.reference == "clip" and os.path.isdir(encoder_dir):
+            encoder_config, params["image_encoder"] = load_clip_vision_model(encoder_dir)
+        elif image_encoder is not None:
+            raise ValueError(f"image_encoder {encoder_dir!r} is not a folder; pass a CLIP image_encoder/ folder.")
+        return cls(config, params, components, make_scheduler(components, scheduler), dtype=dtype,
+                   image_encoder_config=encoder_config, **kwargs)
 
     # -- host side ------------------------------------------------------------------------------------------
 
@@ -149,8 +176,9 @@ class MultiViewPipeline:
         Args:
           cameras: ``(N, 4, 4)`` (or ``(N, 16)``) camera matrices for every prompt; default
             :func:`orbit_cameras` at `elevation` and `distance` with `azimuths` (default N evenly spaced).
-          reference_image: ``(H, W, 3)`` RGB, uint8 or float in [0, 1], resized to nothing: it must have the
-            output size. Needs a ``reference="latent"`` model.
+          reference_image: ``(H, W, 3)`` RGB, uint8 or float in [0, 1]. For a ``reference="latent"`` model it
+            must have the output size (it is VAE-encoded as it is); for ``reference="clip"`` it is resized and
+            center-cropped as CLIP's image processor does (any size).
           guidance_scale: CFG scale (traced); ≤ 1 runs the conditional model alone.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -178,9 +206,17 @@ class MultiViewPipeline:
         values.check_finite_arrays([("cameras", cams)], "The camera matrices")
         n = cams.shape[0]
         ref = None
-        if reference_image is not None:
+        if reference_image is not None and self.config.reference == "clip":
+            if self.image_encoder is None:
+                raise ValueError("reference_image needs this reference='clip' model's CLIP image encoder; load the "
+                                 "pipeline with image_encoder=DIR (or put it in the model's image_encoder/).")
+            values.check_finite_arrays([("reference_image", np.asarray(reference_image, np.float32))],
+                                       "The reference image")
+            ref = preprocess_images(np.asarray(reference_image), image_size=self.image_encoder.config.image_size)
+            ref = np.repeat(ref, len(prompts), axis=0)
+        elif reference_image is not None:
             if self.config.reference != "latent":
-                raise ValueError(f"reference_image needs a model with reference='latent' layers; this one has "
+                raise ValueError(f"reference_image needs a model with reference layers; this one has "
                                  f"reference={self.config.reference!r}.")
             ref = np.asarray(reference_image)
             if ref.shape != (h, w, 3):
@@ -213,8 +249,7 @@ class MultiViewPipeline:
             cond = self.encode_prompt(params, ids, cams, n)
             key = jax.random.key(seed)
             if ref is not None:
-                keys = jax.random.split(jax.random.fold_in(key, 1), ref.shape[0])
-                cond["reference"] = encode_images(self.vae, params["vae"], self.components.vae_config, ref, keys)
+                cond["reference"] = self.encode_reference(params, ref, key)
             latents = self.initial_latents(state, shape, key)
             model = self.model_fn(params, n, ref_scale)
             if use_cfg:
@@ -234,6 +269,14 @@ class MultiViewPipeline:
         """Token ids (B, L) → the condition of the B·N views: text per view (repeated) and cameras."""
         hidden = self.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
         return {"text": jnp.repeat(hidden, n, axis=0), "cameras": cams}
+
+    def encode_reference(self, params: Any, ref: jax.Array, key: jax.Array) -> jax.Array:
+        """The reference context per sample: VAE latents ``(B, C, h, w)`` (sampled with ``fold_in(key, 1)``) of
+        images ``(B, 3, H, W)`` in [0, 1], or CLIP penultimate hidden states ``(B, L, D)`` of pixel values."""
+        if self.config.reference == "clip":
+            return self.image_encoder.apply({"params": params["image_encoder"]}, ref).penultimate
+        keys = jax.random.split(jax.random.fold_in(key, 1), ref.shape[0])
+        return encode_images(self.vae, params["vae"], self.components.vae_config, ref, keys)
 
     def initial_latents(self, state: Any, shape: tuple[int, ...], key: jax.Array) -> jax.Array:
         """Seeded float32 noise of `shape` (B·N, C, h, w) times the scheduler's ``init_noise_sigma``."""
