@@ -176,3 +176,23 @@ def test_bad_input(tiny, tmp_path) -> None:
     bad[0, 0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="latents"):
         pipe("a cat", num_frames=F, height=SIZE, width=SIZE, latents=bad)
+
+
+def test_cli_video_with_motion_adapter(tiny, tmp_path, capsys) -> None:
+    """``perflow-jax video --motion-adapter`` writes the frames; mixing SVD and AnimateDiff flags is refused."""
+    from perflow_jax.cli import main
+
+    root, _, _ = tiny
+    out = tmp_path / "clip.gif"
+    assert main(["--no-cache", "video", "--model", str(root / "sd"), "--motion-adapter", str(root / "mm"),
+                 "--prompt", "a red cat", "--frames", str(F), "--steps", "4", "--height", str(SIZE), "--width",
+                 str(SIZE), "--out", str(out)]) == 0
+    assert out.is_file() and (tmp_path / "clip.sheet.png").is_file()
+    assert f"wrote {F} frames" in capsys.readouterr().out
+    for argv, message in (
+            (["--motion-adapter", str(root / "mm"), "--prompt", "x", "--image", "a.png"], "--image is for SVD"),
+            (["--motion-adapter", str(root / "mm")], "needs --prompt"),
+            (["--image", "a.png", "--prompt", "x"], "--prompt is for AnimateDiff"),
+            (["--prompt", "x"], "--prompt is for AnimateDiff")):
+        assert main(["video", "--model", str(root / "sd"), *argv, "--out", str(tmp_path / "x.gif")]) != 0
+        assert message in capsys.readouterr().err
