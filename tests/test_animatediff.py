@@ -198,3 +198,16 @@ def test_cli_video_with_motion_adapter(tiny, tmp_path, capsys) -> None:
             (["--prompt", "x"], "--prompt is for AnimateDiff")):
         assert main(["video", "--model", str(root / "sd"), *argv, "--out", str(tmp_path / "x.gif")]) != 0
         assert message in capsys.readouterr().err
+
+
+def test_adapter_config_mismatches_are_one_line_errors(tiny) -> None:
+    root, _, _ = tiny
+    cfg = UNetConfig.from_json(root / "sd" / "unet")
+    layers = mu.MotionAdapterConfig(block_out_channels=(32, 64), motion_layers_per_block=2, motion_norm_num_groups=8)
+    with pytest.raises(ValueError, match=r"motion_layers_per_block \[2, 2\], this UNet has layers_per_block \[1, 1\]"):
+        mu.motion_spec(cfg, layers, F)
+    with pytest.raises(ValueError, match="one entry per block"):
+        mu.MotionAdapterConfig(block_out_channels=(32, 64), motion_num_attention_heads=(2, 2, 2))
+    _, motion = mu.load_motion_adapter(root / "mm", cfg)
+    with pytest.raises(ValueError, match="merge_motion_params needs base UNet params"):
+        mu.merge_motion_params(motion, motion)
