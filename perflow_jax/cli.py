@@ -180,18 +180,33 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--process-id", type=int, default=None,
                    help="multi-process: this process's index (or $PERFLOW_JAX_PROCESS_ID)")
 
-    v = sub.add_parser("video", help="image to video with Stable Video Diffusion (SVD)")
-    v.add_argument("--model", required=True, help="a diffusers StableVideoDiffusionPipeline folder")
-    v.add_argument("--image", required=True, help="the conditioning image: RGB, sides multiples of 8 (e.g. 1024×576)")
-    v.add_argument("--frames", type=_positive_int, default=None, help="frames to generate (default: the model's)")
+    v = sub.add_parser("video", help="image to video with Stable Video Diffusion (--image), or text to video with "
+                                     "AnimateDiff motion modules on SD1.5 (--motion-adapter, --prompt)")
+    v.add_argument("--model", required=True, help="a diffusers StableVideoDiffusionPipeline folder (SVD), or an SD1.5 "
+                                                  "diffusers folder (AnimateDiff)")
+    v.add_argument("--image", default=None,
+                   help="SVD: the conditioning image: RGB, sides multiples of 8 (e.g. 1024×576)")
+    v.add_argument("--motion-adapter", default=None, metavar="DIR",
+                   help="AnimateDiff: a diffusers MotionAdapter folder; selects text to video")
+    v.add_argument("--prompt", default=None, help="AnimateDiff: the text prompt")
+    v.add_argument("--negative-prompt", default=None, help="AnimateDiff: the negative prompt")
+    v.add_argument("--delta", default=None, help="AnimateDiff: a PeRFlow ΔW merged into the SD1.5 UNet")
+    v.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="FILE[:SCALE]",
+                   help="AnimateDiff: a LoRA merged after the ΔW (repeatable)")
+    v.add_argument("--scheduler", default=None, help="AnimateDiff: perflow (default) or another registered scheduler")
+    v.add_argument("--guidance", type=float, default=None, help="AnimateDiff: CFG scale (default 7.5; ≤ 1: none)")
+    v.add_argument("--height", type=_positive_int, default=None, help="AnimateDiff: frame height (default the model's)")
+    v.add_argument("--width", type=_positive_int, default=None, help="AnimateDiff: frame width (default the model's)")
+    v.add_argument("--frames", type=_positive_int, default=None,
+                   help="frames to generate (default: the SVD model's; AnimateDiff 16)")
     v.add_argument("--fps", type=_positive_int, default=7, help="frame rate: conditions the model (as fps - 1) and "
                                                                "sets the written video's rate (default 7)")
-    v.add_argument("--motion-bucket-id", type=int, default=127, help="amount of motion (default 127)")
-    v.add_argument("--noise-aug-strength", type=float, default=0.02,
-                   help="noise added to the conditioning image (default 0.02)")
-    v.add_argument("--steps", type=_positive_int, default=25, help="inference steps (default 25)")
-    v.add_argument("--min-guidance", type=float, default=1.0, help="guidance of the first frame (default 1)")
-    v.add_argument("--max-guidance", type=float, default=3.0, help="guidance of the last frame (default 3)")
+    v.add_argument("--motion-bucket-id", type=int, default=None, help="SVD: amount of motion (default 127)")
+    v.add_argument("--noise-aug-strength", type=float, default=None,
+                   help="SVD: noise added to the conditioning image (default 0.02)")
+    v.add_argument("--steps", type=_positive_int, default=None, help="inference steps (default SVD 25, AnimateDiff 4)")
+    v.add_argument("--min-guidance", type=float, default=None, help="SVD: guidance of the first frame (default 1)")
+    v.add_argument("--max-guidance", type=float, default=None, help="SVD: guidance of the last frame (default 3)")
     v.add_argument("--decode-chunk-size", type=_positive_int, default=None,
                    help="frames decoded together (default all; smaller saves memory, each chunk is its own clip)")
     v.add_argument("--seed", type=_seed, default=0, help="random seed in [0, 2**32)")
@@ -558,11 +573,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_video(args: argparse.Namespace) -> None:
-    import numpy as np
-    from PIL import Image
-
     from perflow_jax import video_io
-    from perflow_jax.pipelines.video import VideoPipeline
 
     out = os.fspath(args.out)
     stem, ext = os.path.splitext(out)
@@ -572,6 +583,54 @@ def _cmd_video(args: argparse.Namespace) -> None:
         print("perflow-jax video: the [video] extra (imageio-ffmpeg) is not installed; writing a GIF instead.",
               file=sys.stderr)
         out = stem + ".gif"
+    frames = _animatediff(args) if args.motion_adapter is not None else _svd(args)
+    video_io.write_video(frames, out, args.fps)
+    sheet = video_io.write_contact_sheet(frames, stem + ".sheet.png")
+    print(f"wrote {len(frames)} frames to {out} and {sheet}")
+
+
+_SVD_ONLY = ("--image", "--motion-bucket-id", "--noise-aug-strength", "--min-guidance", "--max-guidance")
+_ANIMATEDIFF_ONLY = ("--prompt", "--negative-prompt", "--delta", "--lora", "--scheduler", "--guidance", "--height",
+                     "--width")
+
+
+def _given(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
+    return [f for f in flags if getattr(args, f[2:].replace("-", "_")) not in (None, [])]
+
+
+def _animatediff(args: argparse.Namespace) -> Any:
+    """``perflow-jax video --motion-adapter``: AnimateDiff text to video on an SD1.5 model."""
+    from perflow_jax.pipelines.animatediff import AnimateDiffPipeline
+
+    if mixed := _given(args, _SVD_ONLY):
+        raise CLIError(f"{', '.join(mixed)} {'is' if len(mixed) == 1 else 'are'} for SVD image to video; "
+                       "--motion-adapter makes text-to-video frames from --prompt: drop them, or drop "
+                       "--motion-adapter.")
+    if args.prompt is None:
+        raise CLIError("--motion-adapter (AnimateDiff text to video) needs --prompt.")
+    if not os.path.isdir(args.motion_adapter):
+        raise CLIError(f"--motion-adapter {args.motion_adapter!r} is not a folder (a diffusers MotionAdapter folder).")
+    pipe = AnimateDiffPipeline.from_pretrained(args.model, args.motion_adapter, delta=args.delta, loras=args.lora,
+                                               scheduler=args.scheduler or "perflow",
+                                               dtype=DTYPES[args.dtype or "fp32"], variant=args.variant,
+                                               decode_chunk_size=args.decode_chunk_size)
+    return pipe(args.prompt, args.negative_prompt or "", num_frames=args.frames or 16,
+                num_inference_steps=args.steps or 4, guidance_scale=7.5 if args.guidance is None else args.guidance,
+                height=args.height, width=args.width, seed=args.seed)
+
+
+def _svd(args: argparse.Namespace) -> Any:
+    """``perflow-jax video --image``: Stable Video Diffusion image to video."""
+    import numpy as np
+    from PIL import Image
+
+    from perflow_jax.pipelines.video import VideoPipeline
+
+    if mixed := _given(args, _ANIMATEDIFF_ONLY):
+        raise CLIError(f"{', '.join(mixed)} {'is' if len(mixed) == 1 else 'are'} for AnimateDiff text to video: "
+                       "pass --motion-adapter DIR too, or drop them.")
+    if args.image is None:
+        raise CLIError("video needs --image (SVD image to video) or --motion-adapter with --prompt (AnimateDiff).")
     if not os.path.isfile(args.image):
         raise CLIError(f"--image {args.image!r} does not exist.")
     try:
@@ -582,16 +641,15 @@ def _cmd_video(args: argparse.Namespace) -> None:
     except OSError as e:
         raise CLIError(f"--image {args.image!r} is not an image file PIL can read ({e}).") from None
     pipe = VideoPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype or "fp32"], variant=args.variant)
+    pick = lambda value, default: default if value is None else value  # noqa: E731
     try:
-        frames = pipe(image, num_frames=args.frames, num_inference_steps=args.steps, fps=args.fps,
-                      motion_bucket_id=args.motion_bucket_id, noise_aug_strength=args.noise_aug_strength,
-                      min_guidance_scale=args.min_guidance, max_guidance_scale=args.max_guidance,
-                      decode_chunk_size=args.decode_chunk_size, seed=args.seed)
+        return pipe(image, num_frames=args.frames, num_inference_steps=pick(args.steps, 25), fps=args.fps,
+                    motion_bucket_id=pick(args.motion_bucket_id, 127),
+                    noise_aug_strength=pick(args.noise_aug_strength, 0.02),
+                    min_guidance_scale=pick(args.min_guidance, 1.0), max_guidance_scale=pick(args.max_guidance, 3.0),
+                    decode_chunk_size=args.decode_chunk_size, seed=args.seed)
     except ValueError as e:
         raise CLIError(f"--image {args.image!r}: {e}" if "image" in str(e) else str(e)) from None
-    video_io.write_video(frames, out, args.fps)
-    sheet = video_io.write_contact_sheet(frames, stem + ".sheet.png")
-    print(f"wrote {len(frames)} frames to {out} and {sheet}")
 
 
 def _cmd_multiview(args: argparse.Namespace) -> None:

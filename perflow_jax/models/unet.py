@@ -41,7 +41,8 @@ from perflow_jax.models.shape_cache import cached_param_shapes
 
 Dtype = Any
 
-__all__ = ["ImageContext", "UNet2DConditionModel", "UNetConfig", "init_unet_params", "load_unet", "unet_param_shapes"]
+__all__ = ["ImageContext", "MotionSpec", "UNet2DConditionModel", "UNetConfig", "init_unet_params", "load_unet",
+           "unet_param_shapes"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -321,6 +322,46 @@ class _AttnSpec:
     num_views: int = 1  # > 1: self-attention runs jointly over the views of a sample (multi-view UNet)
 
 
+@dataclasses.dataclass(frozen=True)
+class MotionSpec:
+    """AnimateDiff motion modules in the UNet (:mod:`perflow_jax.models.motion_unet`): a temporal transformer
+    after every resnet(/transformer) layer of the down and up blocks (and after the mid block's transformer),
+    mixing the ``num_frames`` consecutive frames of each video in the batch. Shapes only, never weights."""
+
+    num_frames: int
+    heads: tuple[int, ...]  # per down block (up blocks use them reversed)
+    depths: tuple[int, ...]  # transformer layers per motion module, per down block
+    mid_depth: int | None  # None: no motion module in the mid block
+    max_seq_length: int
+    groups: int = 32
+
+    def block(self, where: str, i: int) -> _BlockMotion | None:
+        """The settings of down block `i`, up block `i` or the mid block (None: no motion modules there)."""
+        n = len(self.heads)
+        if where == "mid":
+            return None if self.mid_depth is None else _BlockMotion(self.num_frames, self.heads[-1], self.mid_depth,
+                                                                     self.max_seq_length, self.groups)
+        r = i if where == "down" else n - 1 - i
+        return _BlockMotion(self.num_frames, self.heads[r], self.depths[r], self.max_seq_length, self.groups)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockMotion:
+    num_frames: int
+    heads: int
+    depth: int
+    max_seq_length: int
+    groups: int
+
+
+def _motion_module(spec: _BlockMotion, dtype: Dtype, name: str) -> nn.Module:
+    """The temporal transformer ``motion_modules_<i>`` (imported here: it builds on this module's blocks)."""
+    from perflow_jax.models.motion_unet import TemporalTransformer
+
+    return TemporalTransformer(spec.num_frames, spec.heads, spec.depth, spec.max_seq_length, spec.groups, dtype,
+                               name=name)
+
+
 class ImageContext(NamedTuple):
     """The cross-attention context with IP-Adapter image tokens: blocks pass it through untouched and each
     transformer block's ``attn2`` adds the decoupled image attention (:class:`~perflow_jax.models.layers.Attention`).
@@ -428,6 +469,7 @@ class DownBlock(nn.Module):
     eps: float
     downsample_padding: int = 1
     dtype: Dtype = jnp.float32
+    motion: _BlockMotion | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array,
@@ -439,6 +481,8 @@ class DownBlock(nn.Module):
             if self.attn is not None:
                 x = Transformer2D(self.attn, self.attn.depths[i], self.groups, self.dtype,
                                   name=f"attentions_{i}")(x, context)
+            if self.motion is not None:
+                x = _motion_module(self.motion, self.dtype, f"motion_modules_{i}")(x)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, self.downsample_padding, self.dtype, name="downsamplers_0")(x)
@@ -454,6 +498,7 @@ class MidBlock(nn.Module):
     eps: float
     output_scale_factor: float = 1.0
     dtype: Dtype = jnp.float32
+    motion: _BlockMotion | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
@@ -466,6 +511,8 @@ class MidBlock(nn.Module):
         x = resnet(0)(x, temb)
         for i, depth in enumerate(self.attn.depths):
             x = Transformer2D(self.attn, depth, self.groups, self.dtype, name=f"attentions_{i}")(x, context)
+            if self.motion is not None:
+                x = _motion_module(self.motion, self.dtype, f"motion_modules_{i}")(x)
             x = resnet(i + 1)(x, temb)
         return x
 
@@ -482,6 +529,7 @@ class UpBlock(nn.Module):
     groups: int
     eps: float
     dtype: Dtype = jnp.float32
+    motion: _BlockMotion | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array,
@@ -493,6 +541,8 @@ class UpBlock(nn.Module):
             if self.attn is not None:
                 x = Transformer2D(self.attn, self.attn.depths[i], self.groups, self.dtype,
                                   name=f"attentions_{i}")(x, context)
+            if self.motion is not None:
+                x = _motion_module(self.motion, self.dtype, f"motion_modules_{i}")(x)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(x, upsample_size)
         return x
@@ -528,6 +578,8 @@ class UNet2DConditionModel(nn.Module):
         memory of the ``(B, heads, Lq, Lk)`` logits at large resolutions; same result, somewhat slower.
       num_views: the batch holds consecutive groups of this many views of one sample whose self-attention runs
         jointly (MVDream; :mod:`perflow_jax.models.multiview_unet`). A shape, never a weight: 1 is the plain UNet.
+      motion: AnimateDiff motion modules (:class:`MotionSpec`); the batch then holds consecutive groups of
+        ``motion.num_frames`` frames of one video. None is the plain UNet.
     """
 
     config: UNetConfig
@@ -535,6 +587,7 @@ class UNet2DConditionModel(nn.Module):
     attention_implementation: AttentionImpl = None
     attention_chunk_size: int | None = None
     num_views: int = 1
+    motion: MotionSpec | None = None
 
     @nn.compact
     def __call__(
@@ -616,7 +669,7 @@ class UNet2DConditionModel(nn.Module):
             res, skips = skips[-(layers[r] + 1):], skips[:-(layers[r] + 1)]
             size = tuple(skips[-1].shape[1:3]) if forward_size and i < n - 1 else None
             x = UpBlock(cfg.block_out_channels[r], layers[r] + 1, self._attn_spec("up", i), i < n - 1,
-                        name=f"up_blocks_{i}", **common)(x, res, emb, context, size)
+                        motion=self._motion("up", i), name=f"up_blocks_{i}", **common)(x, res, emb, context, size)
 
         x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(x))
         x = conv2d(cfg.out_channels, cfg.conv_out_kernel, self.dtype, "conv_out")(x)
@@ -632,12 +685,16 @@ class UNet2DConditionModel(nn.Module):
         skips = [x]
         for i in range(n):
             x, res = DownBlock(cfg.block_out_channels[i], layers[i], self._attn_spec("down", i), i < n - 1,
-                               downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}", **common)(
+                               downsample_padding=cfg.downsample_padding, motion=self._motion("down", i),
+                               name=f"down_blocks_{i}", **common)(
                 x, temb, context)
             skips += res
         x = MidBlock(self._attn_spec("mid", 0), output_scale_factor=cfg.mid_block_scale_factor,
-                     name="mid_block", **common)(x, temb, context)
+                     motion=self._motion("mid", 0), name="mid_block", **common)(x, temb, context)
         return x, skips
+
+    def _motion(self, where: str, i: int) -> _BlockMotion | None:
+        return None if self.motion is None else self.motion.block(where, i)
 
     def _attn_spec(self, where: str, i: int) -> _AttnSpec | None:
         """Transformer settings of down block `i`, up block `i` or the mid block; None for plain blocks."""
