@@ -109,6 +109,10 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
         stream = Stream(cfg, mesh, components)
     is_main = jax.process_index() == 0
     ckpt_dir = os.path.join(out, "checkpoints")
+    if jax.process_count() > 1:  # every process has looked for checkpoints before any process writes the folder
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("perflow-jax train: resume checked")
     try:  # the first write of the run: nothing above created a file
         os.makedirs(ckpt_dir, exist_ok=True)
     except OSError as e:
