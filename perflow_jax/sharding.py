@@ -1,7 +1,10 @@
 """Meshes, global arrays and multi-process start-up, shared by pipelines, generation jobs and training.
 
 Everything here works the same in one process and in many: a 1-D ``("data",)`` mesh spans every device of
-every host; batches are split over it; parameters are replicated (or, for training, FSDP-sharded).
+every host; batches are split over it; parameters are replicated (or, for training, FSDP-sharded). Training
+may use a 2-D ``("data", "fsdp")`` mesh (:func:`train_mesh`): the batch is split over both axes (every device
+gets its own rows), params, gradients and optimizer state are split over ``"fsdp"`` and replicated over
+``"data"``.
 :func:`initialize_distributed` starts ``jax.distributed`` when a job runs on several processes and does
 nothing in a single one, so the same script runs on a laptop and on a pod.
 """
@@ -18,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
 
 # Environment variables read by :func:`initialize_distributed` when no argument is given.
 ENV_COORDINATOR = "PERFLOW_JAX_COORDINATOR_ADDRESS"
@@ -109,19 +113,43 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(jax.devices() if devices is None else list(devices)), (DATA_AXIS,))
 
 
+def train_mesh(mode: str = "replicated", fsdp_size: int | None = None,
+               devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The training mesh over `devices` (default: all of every process).
+
+    ``"replicated"``: the 1-D ``("data",)`` mesh of :func:`data_mesh`. ``"fsdp"``: a 2-D ``("data", "fsdp")``
+    mesh of shape (n / fsdp_size, fsdp_size), `fsdp_size` defaulting to every device (pure FSDP); devices are
+    laid out row-major, so the ``fsdp`` groups are runs of consecutive devices (on one host when they fit).
+    """
+    devs = list(jax.devices() if devices is None else devices)
+    if mode == "replicated":
+        return data_mesh(devs)
+    if mode != "fsdp":
+        raise ValueError(f"Unknown parameter sharding mode {mode!r}; expected 'replicated' or 'fsdp'.")
+    f = len(devs) if fsdp_size is None else fsdp_size
+    if f < 1 or len(devs) % f:
+        raise ValueError(f"train.fsdp_size={fsdp_size} must divide the {len(devs)} devices.")
+    return Mesh(np.asarray(devs).reshape(len(devs) // f, f), (DATA_AXIS, FSDP_AXIS))
+
+
+def _batch_axes(mesh: Mesh) -> str | tuple[str, ...]:
+    """The mesh axes a batch is split over: ``"data"``, and ``"fsdp"`` too on a training mesh."""
+    return (DATA_AXIS, FSDP_AXIS) if FSDP_AXIS in mesh.axis_names else DATA_AXIS
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array."""
     return NamedSharding(mesh, P())
 
 
 def batch_sharded(mesh: Mesh, axis: int = 0) -> NamedSharding:
-    """Split `axis` (the batch) over the mesh's data axis, other axes whole."""
-    return NamedSharding(mesh, P(*([None] * axis), DATA_AXIS))
+    """Split `axis` (the batch) over the mesh's batch axes (data, and fsdp when present), other axes whole."""
+    return NamedSharding(mesh, P(*([None] * axis), _batch_axes(mesh)))
 
 
 def num_data_shards(mesh: Mesh) -> int:
-    """How many ways a batch is split over `mesh`."""
-    return int(mesh.shape[DATA_AXIS])
+    """How many ways a batch is split over `mesh` (every device of a training mesh)."""
+    return int(np.prod([mesh.shape[a] for a in np.atleast_1d(_batch_axes(mesh))]))
 
 
 def padded_size(n: int, mesh: Mesh) -> int:
@@ -131,11 +159,13 @@ def padded_size(n: int, mesh: Mesh) -> int:
 
 
 def param_sharding(mesh: Mesh, tree: Any, mode: str = "replicated") -> Any:
-    """A sharding per leaf of `tree`: replicated, or (``"fsdp"``) each leaf split over the data axis along
-    its largest axis that divides evenly (leaves with none stay replicated)."""
+    """A sharding per leaf of `tree`: replicated, or (``"fsdp"``) each leaf split along its largest axis that
+    divides evenly over the mesh's ``"fsdp"`` axis (the ``"data"`` axis of a 1-D mesh), replicated over the
+    other mesh axis; leaves with no such axis stay replicated."""
     if mode not in ("replicated", "fsdp"):
         raise ValueError(f"Unknown parameter sharding mode {mode!r}; expected 'replicated' or 'fsdp'.")
-    n = num_data_shards(mesh)
+    axis = FSDP_AXIS if FSDP_AXIS in mesh.axis_names else DATA_AXIS
+    n = int(mesh.shape[axis])
 
     def one(leaf: Any) -> NamedSharding:
         shape = np.shape(leaf)
@@ -144,7 +174,7 @@ def param_sharding(mesh: Mesh, tree: Any, mode: str = "replicated") -> Any:
                           key=lambda d: -shape[d])
             if axes:
                 spec: list[str | None] = [None] * len(shape)
-                spec[axes[0]] = DATA_AXIS
+                spec[axes[0]] = axis
                 return NamedSharding(mesh, P(*spec))
         return NamedSharding(mesh, P())
 
@@ -207,6 +237,6 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
-__all__ = ["DATA_AXIS", "batch_sharded", "data_mesh", "global_array", "global_array_from_local", "global_tree",
-           "initialize_distributed", "local_rows", "num_data_shards", "padded_size", "param_sharding",
-           "replicated", "to_host"]
+__all__ = ["DATA_AXIS", "FSDP_AXIS", "batch_sharded", "data_mesh", "global_array", "global_array_from_local",
+           "global_tree", "initialize_distributed", "local_rows", "num_data_shards", "padded_size", "param_sharding",
+           "replicated", "to_host", "train_mesh"]

@@ -15,7 +15,7 @@ import dataclasses
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import chex
@@ -41,7 +41,8 @@ from perflow_jax.models.shape_cache import cached_param_shapes
 
 Dtype = Any
 
-__all__ = ["ImageContext", "MotionSpec", "UNet2DConditionModel", "UNetConfig", "init_unet_params", "load_unet",
+__all__ = ["REMAT_POLICIES", "ImageContext", "MotionSpec", "UNet2DConditionModel", "UNetConfig", "init_unet_params",
+           "load_unet",
            "unet_param_shapes"]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -548,6 +549,25 @@ class UpBlock(nn.Module):
         return x
 
 
+# Rematerialization (gradient checkpointing) per block: the name of a `jax.checkpoint` policy saying which
+# intermediates of a block's forward pass the backward pass keeps; everything else is recomputed.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the block inputs: least memory, most recompute
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs (no batch dims)
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep every matmul/conv output
+}
+
+
+def _remat_block(cls: type[nn.Module], remat: str | None, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+    """Block class `cls`, wrapped in ``nn.remat`` with the named policy (`remat` None or ``"none"``: as is).
+    Param names and values are unchanged; only what the backward pass stores differs."""
+    if remat is None or remat == "none":
+        return cls
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"Unknown remat policy {remat!r}; expected 'none' or one of {sorted(REMAT_POLICIES)}.")
+    return nn.remat(cls, policy=REMAT_POLICIES[remat], static_argnums=static_argnums)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # UNet
 # ----------------------------------------------------------------------------------------------------------
@@ -580,6 +600,9 @@ class UNet2DConditionModel(nn.Module):
         jointly (MVDream; :mod:`perflow_jax.models.multiview_unet`). A shape, never a weight: 1 is the plain UNet.
       motion: AnimateDiff motion modules (:class:`MotionSpec`); the batch then holds consecutive groups of
         ``motion.num_frames`` frames of one video. None is the plain UNet.
+      remat: None (or ``"none"``), or a policy name of :data:`REMAT_POLICIES`: each down, mid and up block is
+        ``nn.remat``-wrapped (``jax.checkpoint``), so training stores less for the backward pass; same outputs
+        and gradients, and the same param tree.
     """
 
     config: UNetConfig
@@ -588,6 +611,7 @@ class UNet2DConditionModel(nn.Module):
     attention_chunk_size: int | None = None
     num_views: int = 1
     motion: MotionSpec | None = None
+    remat: str | None = None
 
     @nn.compact
     def __call__(
@@ -668,8 +692,9 @@ class UNet2DConditionModel(nn.Module):
             r = n - 1 - i  # the matching down block
             res, skips = skips[-(layers[r] + 1):], skips[:-(layers[r] + 1)]
             size = tuple(skips[-1].shape[1:3]) if forward_size and i < n - 1 else None
-            x = UpBlock(cfg.block_out_channels[r], layers[r] + 1, self._attn_spec("up", i), i < n - 1,
-                        motion=self._motion("up", i), name=f"up_blocks_{i}", **common)(x, res, emb, context, size)
+            up = _remat_block(UpBlock, self.remat, static_argnums=(5,))  # upsample_size (self counts)
+            x = up(cfg.block_out_channels[r], layers[r] + 1, self._attn_spec("up", i), i < n - 1,
+                   motion=self._motion("up", i), name=f"up_blocks_{i}", **common)(x, res, emb, context, size)
 
         x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(x))
         x = conv2d(cfg.out_channels, cfg.conv_out_kernel, self.dtype, "conv_out")(x)
@@ -682,15 +707,16 @@ class UNet2DConditionModel(nn.Module):
         n = len(cfg.block_out_channels)
         layers = cfg.per_block("layers_per_block")
         common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, dtype=self.dtype)
+        down, mid = _remat_block(DownBlock, self.remat), _remat_block(MidBlock, self.remat)
         skips = [x]
         for i in range(n):
-            x, res = DownBlock(cfg.block_out_channels[i], layers[i], self._attn_spec("down", i), i < n - 1,
-                               downsample_padding=cfg.downsample_padding, motion=self._motion("down", i),
-                               name=f"down_blocks_{i}", **common)(
+            x, res = down(cfg.block_out_channels[i], layers[i], self._attn_spec("down", i), i < n - 1,
+                          downsample_padding=cfg.downsample_padding, motion=self._motion("down", i),
+                          name=f"down_blocks_{i}", **common)(
                 x, temb, context)
             skips += res
-        x = MidBlock(self._attn_spec("mid", 0), output_scale_factor=cfg.mid_block_scale_factor,
-                     motion=self._motion("mid", 0), name="mid_block", **common)(x, temb, context)
+        x = mid(self._attn_spec("mid", 0), output_scale_factor=cfg.mid_block_scale_factor,
+                motion=self._motion("mid", 0), name="mid_block", **common)(x, temb, context)
         return x, skips
 
     def _motion(self, where: str, i: int) -> _BlockMotion | None:
