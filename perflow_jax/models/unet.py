@@ -42,8 +42,7 @@ from perflow_jax.models.shape_cache import cached_param_shapes
 Dtype = Any
 
 __all__ = ["REMAT_POLICIES", "ImageContext", "MotionSpec", "UNet2DConditionModel", "UNetConfig", "init_unet_params",
-           "load_unet",
-           "unet_param_shapes"]
+           "load_unet", "unet_param_shapes"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
