@@ -1,5 +1,6 @@
 """Reading model configs: every model (UNet, VAE, CLIP text encoder) reads its ``config.json`` through
-:func:`read_config_json`, so a missing or broken file gives the same clear error everywhere."""
+:func:`read_config_json`, so a missing or broken file gives the same clear error everywhere; and
+:func:`per_block`, the one reading of diffusers' "one value, or one per block" config fields."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, TypeVar
 
 from perflow_jax.io import read_json
 
-__all__ = ["CONFIG_NAME", "config_from_json", "read_config_json", "read_json"]
+__all__ = ["CONFIG_NAME", "config_from_json", "per_block", "read_config_json", "read_json"]
 
 CONFIG_NAME = "config.json"
 
@@ -36,3 +37,13 @@ def config_from_json(from_dict: Callable[[dict[str, Any]], C], path: str | os.Pa
     except ValueError as e:
         file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else os.fspath(path)
         raise ValueError(f"{file!r}: {e}") from e
+
+
+def per_block(value: Any, n: int, what: str) -> tuple:
+    """A config value that is one value for every block or a tuple of one per block, as a tuple of `n`; a tuple
+    of another length is a ValueError naming `what` (e.g. ``"UNet config layers_per_block"``)."""
+    if not isinstance(value, tuple):
+        return (value,) * n
+    if len(value) != n:
+        raise ValueError(f"{what}={value} must have one entry per down block ({n}).")
+    return value

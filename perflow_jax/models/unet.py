@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax import values
-from perflow_jax.models.config_io import config_from_json
+from perflow_jax.models.config_io import config_from_json, per_block
 from perflow_jax.models.convert import load_params
 from perflow_jax.models.layers import (
     Attention,
@@ -250,12 +250,7 @@ class UNetConfig:
             value = self.attention_head_dim if self.num_attention_heads is None else self.num_attention_heads
         else:
             value = getattr(self, key)
-        n = len(self.down_block_types)
-        if not isinstance(value, tuple):
-            return (value,) * n
-        if len(value) != n:
-            raise ValueError(f"UNet config {key}={value} must have one entry per down block ({n}).")
-        return value
+        return per_block(value, len(self.down_block_types), f"UNet config {key}")
 
     @property
     def time_embed_dim(self) -> int:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax.models.config_io import config_from_json
+from perflow_jax.models.config_io import config_from_json, per_block
 from perflow_jax.models.convert import load_params
 from perflow_jax.models.layers import (
     Attention,
@@ -125,13 +125,7 @@ class SpatioTemporalUNetConfig:
 
     def per_block(self, key: str) -> tuple:
         """A per-block value as a tuple over down blocks (ints are repeated)."""
-        value = getattr(self, key)
-        n = len(self.block_out_channels)
-        if not isinstance(value, tuple):
-            return (value,) * n
-        if len(value) != n:
-            raise ValueError(f"SVD UNet config {key}={value} must have one entry per down block ({n}).")
-        return value
+        return per_block(getattr(self, key), len(self.block_out_channels), f"SVD UNet config {key}")
 
     @property
     def time_embed_dim(self) -> int:

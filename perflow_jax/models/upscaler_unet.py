@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 
 from perflow_jax import values
-from perflow_jax.models.config_io import config_from_json
+from perflow_jax.models.config_io import config_from_json, per_block
 from perflow_jax.models.convert import load_params
 from perflow_jax.models.layers import Attention, AttentionImpl, Conv2D, GroupNorm, conv2d, group_norm
 
@@ -180,13 +180,7 @@ class UpscalerUNetConfig:
 
     def per_block(self, key: str) -> tuple:
         """A per-block value as a tuple over down blocks (a single value is repeated)."""
-        value = getattr(self, key)
-        n = len(self.block_out_channels)
-        if not isinstance(value, tuple):
-            return (value,) * n
-        if len(value) != n:
-            raise ValueError(f"latent-upscaler UNet config {key}={value} must have one entry per block ({n}).")
-        return value
+        return per_block(getattr(self, key), len(self.block_out_channels), f"latent-upscaler UNet config {key}")
 
     @property
     def time_embed_dim(self) -> int:
