@@ -4,13 +4,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 from perflow_jax.io import read_json
 
-__all__ = ["CONFIG_NAME", "config_from_json", "per_block", "read_config_json", "read_json"]
+__all__ = ["CONFIG_NAME", "config_fields", "config_from_json", "per_block", "read_config_json", "read_json"]
 
 CONFIG_NAME = "config.json"
 
@@ -47,3 +49,14 @@ def per_block(value: Any, n: int, what: str) -> tuple:
     if len(value) != n:
         raise ValueError(f"{what}={value} must have one entry per down block ({n}).")
     return value
+
+
+def config_fields(cls: type, d: Mapping[str, Any], what: str, known: Collection[str] = ()) -> dict[str, Any]:
+    """The entries of a diffusers config dict `d` that are fields of the dataclass `cls`. ``_`` keys and `known`
+    keys (read elsewhere, or irrelevant here) are dropped quietly; any other key is dropped with a warning naming
+    `what` (e.g. ``"UNet"``)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in d if k not in fields and k not in known and not k.startswith("_"))
+    if unknown:
+        warnings.warn(f"Ignoring unknown {what} config keys {unknown}.", stacklevel=3)
+    return {k: v for k, v in d.items() if k in fields}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perflow_jax import values
-from perflow_jax.models.config_io import config_from_json, per_block
+from perflow_jax.models.config_io import config_fields, config_from_json, per_block
 from perflow_jax.models.convert import load_params
 from perflow_jax.models.layers import (
     Attention,
@@ -180,12 +179,8 @@ class UNetConfig:
         for key, allowed in _FIXED.items():
             if key in d and d[key] not in allowed:
                 raise ValueError(f"Unsupported UNet config {key}={d[key]!r}; only {allowed} is supported.")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in fields and k not in _FIXED and k not in _IRRELEVANT
-                         and not k.startswith("_"))
-        if unknown:
-            warnings.warn(f"Ignoring unknown UNet config keys {unknown}.", stacklevel=2)
-        return cls(**{k: _tupleize(v) for k, v in d.items() if k in fields})
+        known = config_fields(cls, d, "UNet", known={*_FIXED, *_IRRELEVANT})
+        return cls(**{k: _tupleize(v) for k, v in known.items()})
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> UNetConfig:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perflow_jax.models.config_io import config_from_json, per_block
+from perflow_jax.models.config_io import config_fields, config_from_json, per_block
 from perflow_jax.models.convert import load_params
 from perflow_jax.models.layers import (
     Attention,
@@ -85,11 +84,7 @@ class SpatioTemporalUNetConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SpatioTemporalUNetConfig:
         """From a diffusers config dict: ``_`` keys ignored, unknown keys warn."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in fields and not k.startswith("_"))
-        if unknown:
-            warnings.warn(f"Ignoring unknown SVD UNet config keys {unknown}.", stacklevel=2)
-        return cls(**{k: _tupleize(v) for k, v in d.items() if k in fields})
+        return cls(**{k: _tupleize(v) for k, v in config_fields(cls, d, "SVD UNet").items()})
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> SpatioTemporalUNetConfig:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,7 +30,7 @@ import numpy as np
 from jax import lax
 
 from perflow_jax import values
-from perflow_jax.models.config_io import config_from_json, per_block
+from perflow_jax.models.config_io import config_fields, config_from_json, per_block
 from perflow_jax.models.convert import load_params
 from perflow_jax.models.layers import Attention, AttentionImpl, Conv2D, GroupNorm, conv2d, group_norm
 
@@ -124,12 +123,8 @@ class UpscalerUNetConfig:
             if key in d and d[key] not in allowed:
                 raise ValueError(f"Unsupported latent-upscaler UNet config {key}={d[key]!r}; only {allowed} is "
                                  "supported.")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in fields and k not in _FIXED and k not in _IRRELEVANT
-                         and not k.startswith("_"))
-        if unknown:
-            warnings.warn(f"Ignoring unknown latent-upscaler UNet config keys {unknown}.", stacklevel=2)
-        return cls(**{k: _tupleize(v) for k, v in d.items() if k in fields})
+        known = config_fields(cls, d, "latent-upscaler UNet", known={*_FIXED, *_IRRELEVANT})
+        return cls(**{k: _tupleize(v) for k, v in known.items()})
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> UpscalerUNetConfig:
