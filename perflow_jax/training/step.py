@@ -131,8 +131,15 @@ def make_train_step(rcfg: reflow.ReflowConfig, apply_fn: reflow.StudentFn, tx: o
             loss, g = micro(state["params"], teacher, jax.random.fold_in(key, i), xi, ci, null)
             return (acc[0] + loss / a, jax.tree_util.tree_map(lambda s, gi: s + gi / a, acc[1], g)), None
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
-        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), jnp.arange(a))
+        acc = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state["params"]))
+        if a == 1 or jax.default_backend() == "cpu":
+            # A Python loop, no while op: XLA:CPU runs a backward pass ~10x slower inside a loop body (digits
+            # UNet, batch 128: 1.08 s vs 0.12 s per step). Accelerators keep the scan (one body to compile).
+            for i in range(a):
+                acc, _ = body(acc, i)
+            loss, grads = acc
+        else:
+            (loss, grads), _ = jax.lax.scan(body, acc, jnp.arange(a))
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ema = state["ema"]
