@@ -59,28 +59,10 @@ def _all_finite(tree: Any) -> bool:
     return not leaves or bool(_leaves_finite(leaves))
 
 
-def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_params: Any = None,
-          callback: Callable[[int, float], None] | None = None,
-          allow_config_change: Sequence[str] = (),
-          batch_callback: Callable[[int, np.ndarray], None] | None = None,
-          components: Any = None) -> dict[str, Any]:
-    """Run (or resume) PeRFlow training for a validated config dict; returns a summary.
-
-    `dataset` defaults to ``cfg["data"]``; `teacher_params` to ``cfg["teacher"]["weights"]``. `callback(step,
-    loss)` runs after each step on the host (raising in it stops the run, e.g. to test resuming);
-    `batch_callback(step, ids)` gets each step's sample ids (this process's own rows: record ids for
-    ``data.kind`` prepared/online, dataset indices otherwise) before the step runs. ``data.kind`` prepared and
-    online stream through Grain (:class:`perflow_jax.training.data.Stream`; `components` may pass the loaded pipeline of
-    ``data.model`` for online), and the iterator's state is saved in every checkpoint beside the train state.
-
-    Everything is checked before the output folder is created: the config, the folder, the data, the teacher,
-    and, when the folder holds checkpoints, that `cfg` matches the config stored with them
-    (:func:`check_resume`; `allow_config_change` names keys that may differ). A loss or params that become
-    non-finite stop the run with :class:`NonFiniteLossError`; checkpoints and the ΔW are only ever saved finite.
-    """
-    import orbax.checkpoint as ocp
-    from tqdm.auto import tqdm
-
+def _check_run(cfg: dict[str, Any], dataset: ArrayDataset | None, teacher_params: Any,
+               allow_config_change: Sequence[str], components: Any) -> tuple:
+    """Every check of :func:`train` that needs no other process: config, output folder, resume, data, teacher,
+    mesh and batch split. Returns what the run needs; creates no file."""
     validate(cfg)
     t = cfg["train"]
     out = os.path.abspath(cfg["output_dir"])
@@ -107,12 +89,55 @@ def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_p
         from perflow_jax.training.data import Stream
 
         stream = Stream(cfg, mesh, components)
-    is_main = jax.process_index() == 0
-    ckpt_dir = os.path.join(out, "checkpoints")
-    if jax.process_count() > 1:  # every process has looked for checkpoints before any process writes the folder
+    return t, out, resume_step, notes, rcfg, apply_fn, dataset, teacher, mesh, micro, stream
+
+
+def _agree(error: BaseException | None) -> None:
+    """Raise `error` here, and in a multi-process job make every process stop if any process's checks failed
+    (a process that refused alone would leave the others waiting forever in the first collective). Also the
+    point where every process has looked for checkpoints before any process writes the folder."""
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("perflow-jax train: resume checked")
+        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
+        if error is None and failed.any():
+            raise RuntimeError(f"process(es) {np.flatnonzero(failed).tolist()} of this job refused the run (their "
+                               "logs say why); this process stops too.")
+    if error is not None:
+        raise error
+
+
+def train(cfg: dict[str, Any], dataset: ArrayDataset | None = None, *, teacher_params: Any = None,
+          callback: Callable[[int, float], None] | None = None,
+          allow_config_change: Sequence[str] = (),
+          batch_callback: Callable[[int, np.ndarray], None] | None = None,
+          components: Any = None) -> dict[str, Any]:
+    """Run (or resume) PeRFlow training for a validated config dict; returns a summary.
+
+    `dataset` defaults to ``cfg["data"]``; `teacher_params` to ``cfg["teacher"]["weights"]``. `callback(step,
+    loss)` runs after each step on the host (raising in it stops the run, e.g. to test resuming);
+    `batch_callback(step, ids)` gets each step's sample ids (this process's own rows: record ids for
+    ``data.kind`` prepared/online, dataset indices otherwise) before the step runs. ``data.kind`` prepared and
+    online stream through Grain (:class:`perflow_jax.training.data.Stream`; `components` may pass the loaded pipeline of
+    ``data.model`` for online), and the iterator's state is saved in every checkpoint beside the train state.
+
+    Everything is checked before the output folder is created: the config, the folder, the data, the teacher,
+    and, when the folder holds checkpoints, that `cfg` matches the config stored with them
+    (:func:`check_resume`; `allow_config_change` names keys that may differ). A loss or params that become
+    non-finite stop the run with :class:`NonFiniteLossError`; checkpoints and the ΔW are only ever saved finite.
+    """
+    import orbax.checkpoint as ocp
+    from tqdm.auto import tqdm
+
+    try:  # every check before the first collective; in a multi-process job all processes then agree
+        checked = _check_run(cfg, dataset, teacher_params, allow_config_change, components)
+        error = None
+    except Exception as e:  # noqa: BLE001  (re-raised below, after the other processes heard of it)
+        checked, error = None, e
+    _agree(error)
+    t, out, resume_step, notes, rcfg, apply_fn, dataset, teacher, mesh, micro, stream = checked
+    is_main = jax.process_index() == 0
+    ckpt_dir = os.path.join(out, "checkpoints")
     try:  # the first write of the run: nothing above created a file
         os.makedirs(ckpt_dir, exist_ok=True)
     except OSError as e:
