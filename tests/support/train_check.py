@@ -2,17 +2,20 @@
 ``jax.distributed`` group (or in a lone process), under every parameter layout.
 
     PERFLOW_JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT PERFLOW_JAX_NUM_PROCESSES=2 PERFLOW_JAX_PROCESS_ID=I \
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m tests.support.train_check OUT_DIR [resume]
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m tests.support.train_check OUT_DIR [kill|resume]
 
 For each layout (replicated; fsdp over every device; a 2-D data x fsdp mesh of 2 x 2) it trains 10 steps and
-process 0 writes the final params (gathered from all processes) to ``OUT_DIR/<layout>.npz``. With ``resume``
-it also trains under fsdp, stops after step 6 (checkpoint at step 5), and resumes in a new ``train()`` call
-to step 10: ``OUT_DIR/fsdp_resumed.npz``.
+process 0 writes the final params (gathered from all processes) to ``OUT_DIR/<layout>.npz``, then ``done``.
+With ``kill`` it then starts the fsdp run again in ``OUT_DIR/<tag>/fsdp_resumed`` and every process SIGKILLs
+itself after step 6 (the checkpoint of step 5 is on disk). ``resume`` (new processes, same OUT_DIR) skips the
+layouts: first process 1 alone asks for a changed config, which it must refuse while process 0 stops too
+instead of waiting for it; then both resume the killed run from step 5 to step 10: ``OUT_DIR/fsdp_resumed.npz``.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 LAYOUTS = {"replicated": ["train.sharding=replicated"], "fsdp": ["train.sharding=fsdp"],
@@ -20,17 +23,17 @@ LAYOUTS = {"replicated": ["train.sharding=replicated"], "fsdp": ["train.sharding
 STEPS = 10
 
 
-class Stop(Exception):
-    """Raised in the step callback to interrupt a run."""
-
-
-def main(out: str, resume: bool) -> None:
+def main(out: str, mode: str) -> None:
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from perflow_jax import sharding
 
     sharding.initialize_distributed()
+    from perflow_jax.compilation_cache import enable_compilation_cache
+
+    # On disk per output folder: the killed and the resumed runs (new processes) reuse the fsdp step's program.
+    enable_compilation_cache(os.path.join(out, "jax-cache"))
     import json
 
     import jax.numpy as jnp
@@ -42,9 +45,11 @@ def main(out: str, resume: bool) -> None:
     tiny = UNetConfig(sample_size=8, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "DownBlock2D"),
                       up_block_types=("UpBlock2D", "UpBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
                       norm_num_groups=4, cross_attention_dim=4, attention_head_dim=2, num_class_embeds=11)
-    unet_json = os.path.join(out, f"unet{jax.process_index()}.json")
-    with open(unet_json, "w", encoding="utf-8") as f:
+    unet_json = os.path.join(out, "unet.json")  # one path for every process: it is part of the run's config
+    tmp = f"{unet_json}.{jax.process_index()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(tiny.to_dict(), f)
+    os.replace(tmp, unet_json)
     rng = np.random.default_rng(0)
     ds = train_lib.ArrayDataset(np.tanh(rng.standard_normal((24, 1, 8, 8))).astype(np.float32),
                                 {"class_labels": rng.integers(0, 10, 24).astype(np.int32)},
@@ -68,26 +73,33 @@ def main(out: str, resume: bool) -> None:
         if jax.process_index() == 0:
             np.savez(os.path.join(out, f"{name}.npz"), *leaves)
 
-    save("teacher", teacher)
-    for name, overrides in LAYOUTS.items():
-        save(name, run(name, overrides)["params"])
-    if resume:
-        def stop(step: int, loss: float) -> None:
-            if step == 6:
-                raise Stop
-
-        try:
-            run("fsdp_resumed", LAYOUTS["fsdp"], stop)
-            raise AssertionError("the run was not interrupted")
-        except Stop:
-            pass
+    if mode == "resume":
+        refused = None
+        try:  # only process 1 changes the config: it refuses, and process 0 must not wait for it forever
+            run("fsdp_resumed", LAYOUTS["fsdp"] + (["train.learning_rate=1e-3"] if jax.process_index() else []))
+        except (ValueError, RuntimeError) as e:
+            refused = e
+        want = ValueError if jax.process_index() else RuntimeError
+        assert isinstance(refused, want) and ("another config" in str(refused) or "process(es) [1]" in str(refused)), \
+            repr(refused)
         result = run("fsdp_resumed", LAYOUTS["fsdp"])
         assert result["resumed_from"] == 5, result["resumed_from"]
         save("fsdp_resumed", result["params"])
+        return
+    save("teacher", teacher)
+    for name, overrides in LAYOUTS.items():
+        save(name, run(name, overrides)["params"])
     if jax.process_index() == 0:
         with open(os.path.join(out, "done"), "w", encoding="utf-8") as f:
             f.write(tag)
+    if mode == "kill":
+        def kill(step: int, loss: float) -> None:
+            if step == 6:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        run("fsdp_resumed", LAYOUTS["fsdp"], kill)
+        raise AssertionError("the run was not killed")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "resume" in sys.argv[2:])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "")
