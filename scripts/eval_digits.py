@@ -1,13 +1,15 @@
-"""The digits quality table: teacher DDIM vs PeRFlow at 50/8/4/2/1 steps, with and without CFG.
+"""The digits quality table: teacher DDIM, DPM++ 2M and UniPC vs the PeRFlow students, at 1-8 (and 50) steps.
 
-    python scripts/eval_digits.py --teacher /tmp/digits/teacher --student 4=/tmp/digits/k4 \
-        --student 2=/tmp/digits/k2 --student 1=/tmp/digits/k1 --out docs
+    python scripts/eval_digits.py table --student "PeRFlow (K=4)=/tmp/digits/k4" \
+        --student "PeRFlow (K=4, CFG-fixed)=/tmp/digits/k4g" --out docs [--teacher DIR] [--seeds 0,1,2]
+    python scripts/eval_digits.py fit-classifier       # once: refit the shipped feature classifier
 
-For each method, step count, guidance and seed: 1000 samples (100 per class), their accuracy under an MLP
-classifier trained on the real training digits, and the Fréchet distance (FD) between the classifier's
-hidden features of the samples (clipped to [-1, 1], as displayed) and of the 400 held-out real digits.
-The real-vs-real floor is the FD of 1000 real training digits against the same held-out set. Writes
-``<out>/results.md`` and a figure.
+For each method, step count, guidance w and seed: 1000 samples (100 per class), scored by
+:mod:`perflow_jax.pipelines.digits_quality` with the shipped classifier (FD in its hidden features against the
+400 held-out digits, and accuracy). CFG-sync students are sampled at every w; a CFG-fixed student (trained with
+the teacher at guidance w) is sampled without guidance and listed under its training w. Writes
+``<out>/results_table.md`` (the table), ``<out>/digits_fd_steps.png`` (FD against steps, one panel per w),
+``<out>/digits_samples.png`` (sample grids) and, with ``--json``, the raw numbers.
 """
 
 from __future__ import annotations
@@ -21,181 +23,194 @@ import numpy as np
 
 from perflow_jax.compilation_cache import enable_compilation_cache
 from perflow_jax.pipelines import digits
+from perflow_jax.pipelines import digits_quality as dq
+
+TEACHER_SOLVERS = {"DDIM (teacher)": "ddim", "DPM++ 2M (teacher)": "dpmpp_2m", "UniPC (teacher)": "unipc"}
 
 
-class FeatureClassifier:
-    """An MLP on real digits; its hidden ReLU layer is the feature space for the FD."""
+def fit_classifier(out: str, seed: int = 0) -> dq.FeatureClassifier:
+    """Fit the 64-128-10 MLP on the real training digits (scikit-learn) and save its weights to `out`."""
+    from sklearn.neural_network import MLPClassifier
 
-    def __init__(self, seed: int = 0):
-        from sklearn.neural_network import MLPClassifier
-
-        x, y = digits.load_digits_data("train")
-        self.clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=600, random_state=seed, alpha=1e-3)
-        self.clf.fit(x.reshape(len(x), -1), y)
-        xt, yt = digits.load_digits_data("test")
-        self.test_accuracy = float(self.clf.score(xt.reshape(len(xt), -1), yt))
-
-    def features(self, x: np.ndarray) -> np.ndarray:
-        h = x.reshape(len(x), -1) @ self.clf.coefs_[0] + self.clf.intercepts_[0]
-        return np.maximum(h, 0.0)
-
-    def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
-        return float(np.mean(self.clf.predict(x.reshape(len(x), -1)) == y))
+    x, y = digits.load_digits_data("train")
+    clf = MLPClassifier(hidden_layer_sizes=(dq.HIDDEN,), max_iter=600, random_state=seed, alpha=1e-3)
+    clf.fit(x.reshape(len(x), -1), y)
+    fc = dq.FeatureClassifier(*(np.asarray(a, np.float64) for a in (clf.coefs_[0], clf.intercepts_[0],
+                                                                   clf.coefs_[1], clf.intercepts_[1])))
+    fc.save(out)
+    return fc
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """FD between Gaussians fitted to two feature sets."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    # tr √(Σa Σb) = Σ √λ over the (real, non-negative) eigenvalues of Σa Σb.
-    eig = np.linalg.eigvals(ca @ cb)
-    tr_covmean = np.sum(np.sqrt(np.clip(np.real(eig), 0.0, None)))
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(ca) + np.trace(cb) - 2 * tr_covmean)
-
-
-def student_pipeline(teacher_dir: str, student_dir: str):
+def load_student(teacher: dict, folder: str) -> tuple[digits.DigitsPipeline, dict]:
+    """A student pipeline (teacher + ΔW) and its training config."""
     from perflow_jax.delta import load_delta, merge
 
-    teacher = digits.load_unet_weights(os.path.join(teacher_dir, "teacher.safetensors"))
-    delta = load_delta(os.path.join(student_dir, "delta_weights.safetensors"), teacher)
-    with open(os.path.join(student_dir, "scheduler_config.json"), encoding="utf-8") as f:
+    delta = load_delta(os.path.join(folder, "delta_weights.safetensors"), teacher)
+    with open(os.path.join(folder, "scheduler_config.json"), encoding="utf-8") as f:
         sched = json.load(f)
-    return digits.DigitsPipeline(merge(teacher, delta), sched, "perflow")
+    with open(os.path.join(folder, "train_config.json"), encoding="utf-8") as f:
+        tcfg = json.load(f)
+    return digits.DigitsPipeline(merge(teacher, delta), sched, "perflow"), tcfg
 
 
-def teacher_pipeline(teacher_dir: str):
-    teacher = digits.load_unet_weights(os.path.join(teacher_dir, "teacher.safetensors"))
-    sched = dict(digits.SCHEDULE, _class_name="PeRFlowScheduler")
-    return digits.DigitsPipeline(teacher, sched, "ddim")
+def cells(teacher: dict, students: dict[str, str], steps: list[int], teacher_steps: list[int],
+          guidances: list[float]):
+    """(method, pipeline, scheduler, steps, table w, sampling w) for every cell of the table."""
+    tpipe = digits.DigitsPipeline(teacher, dict(digits.SCHEDULE), "ddim")
+    for w in guidances:
+        for name, sched in TEACHER_SOLVERS.items():
+            for n in (teacher_steps if sched == "ddim" else steps):
+                yield name, tpipe, sched, n, w, w
+    for name, folder in students.items():
+        pipe, tcfg = load_student(teacher, folder)
+        k = tcfg["perflow"]["num_time_windows"]
+        fixed = tcfg["reflow"]["cfg_mode"] == "fixed"
+        for w in ([tcfg["reflow"]["guidance_scale"]] if fixed else guidances):
+            for n in steps:
+                if n >= k:
+                    yield name, pipe, "perflow", n, w, (1.0 if fixed else w)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--student", action="append", default=[], help="K=DIR, a student trained with K windows")
-    p.add_argument("--steps", default="50,8,4,2,1")
-    p.add_argument("--perflow-steps", default="8,4,2,1")
-    p.add_argument("--guidance", default="1.0,2.0")
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--out", default="docs")
-    p.add_argument("--json", default=None, help="also write raw results here")
-    p.add_argument("--skip-teacher", action="store_true", help="evaluate only the students")
-    p.add_argument("--merge", default=None, help="prepend the rows of an earlier --json file")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit-classifier")
+    f.add_argument("--out", default=dq.CLASSIFIER)
+    t = sub.add_parser("table")
+    t.add_argument("--teacher", default=digits.ASSETS, help="folder with teacher.safetensors")
+    t.add_argument("--student", action="append", default=[], help="NAME=DIR of a trained student")
+    t.add_argument("--steps", default="1,2,4,8")
+    t.add_argument("--teacher-steps", default="50,8,4,2,1", help="DDIM steps (DPM++ and UniPC use --steps)")
+    t.add_argument("--guidance", default="1.0,2.0")
+    t.add_argument("--seeds", default="0,1,2")
+    t.add_argument("--out", default="docs")
+    t.add_argument("--json", default=None, help="also write the raw results here")
     a = p.parse_args()
+    if a.cmd == "fit-classifier":
+        fc = fit_classifier(a.out)
+        print(f"saved {a.out}; held-out accuracy {dq.Scorer(fc).test_accuracy:.3f}")
+        return
     enable_compilation_cache()
-
-    clf = FeatureClassifier()
-    x_test, _ = digits.load_digits_data("test")
-    x_train, _ = digits.load_digits_data("train")
-    f_test = clf.features(x_test)
-    floor = frechet_distance(clf.features(x_train[np.random.default_rng(0).permutation(len(x_train))[:1000]]),
-                             f_test)
-    print(f"classifier held-out accuracy {clf.test_accuracy:.3f}; real-vs-real FD floor {floor:.3f}", flush=True)
-
-    students = {int(k): v for k, v in (s.split("=", 1) for s in a.student)}
-    teacher = teacher_pipeline(a.teacher)
-    student_pipes = {k: student_pipeline(a.teacher, d) for k, d in students.items()}
-    labels = np.repeat(np.arange(10), 100).astype(np.int32)
-    steps = [int(s) for s in a.steps.split(",")]
-    pf_steps = [int(s) for s in a.perflow_steps.split(",")]
-    guidances = [float(g) for g in a.guidance.split(",")]
+    scorer = dq.Scorer()
+    floor = scorer.floor()
+    print(f"classifier held-out accuracy {scorer.test_accuracy:.3f}; real-vs-real FD floor {floor:.3f}", flush=True)
+    teacher = digits.load_unet_weights(os.path.join(a.teacher, "teacher.safetensors"))
+    students = dict(s.rsplit("=", 1) for s in a.student)  # the name may hold "=", the folder not
+    labels = dq.balanced_labels(1000)
     seeds = [int(s) for s in a.seeds.split(",")]
-
-    rows: list[dict] = []
-    if a.merge:
-        with open(a.merge, encoding="utf-8") as f:
-            rows = json.load(f)["rows"]
-    methods = ["PeRFlow"] if a.skip_teacher else ["DDIM (teacher)", "PeRFlow"]
-    for method in methods:
-        for n in steps if method.startswith("DDIM") else pf_steps:
-            if method == "PeRFlow":
-                usable = [k for k in student_pipes if k <= n]
-                if not usable:
-                    continue
-                k = max(usable)
-                pipe, name = student_pipes[k], f"PeRFlow (K={k})"
-            else:
-                pipe, name = teacher, method
-            for w in guidances:
-                fds, accs = [], []
-                t0 = time.time()
-                for seed in seeds:
-                    # Evaluate the images as displayed (clipped to the data range).
-                    x = np.clip(pipe.sample_float(labels, n, guidance_scale=w, seed=seed), -1.0, 1.0)
-                    fds.append(frechet_distance(clf.features(x), f_test))
-                    accs.append(clf.accuracy(x, labels))
-                    if seed == seeds[0]:
-                        grid = digits.to_uint8(x.reshape(10, 100, 1, 8, 8)[:, :4].transpose(
-                            1, 0, 2, 3, 4).reshape(40, 1, 8, 8))
-                row = dict(method=name, steps=n, guidance=w, fd=fds, acc=accs, seconds=time.time() - t0,
-                           grid=grid.tolist())
-                rows.append(row)
-                print(f"{name:16s} steps={n:2d} w={w:.1f} FD={np.mean(fds):.3f}±{np.ptp(fds) / 2:.3f} "
-                      f"acc={np.mean(accs):.3f} ({row['seconds']:.0f}s)", flush=True)
-                if a.json:
-                    with open(a.json, "w", encoding="utf-8") as f:
-                        json.dump(dict(floor=floor, clf_acc=clf.test_accuracy, rows=rows), f, indent=1)
-
-    grids = {(r["method"], r["steps"], r["guidance"]): np.asarray(r["grid"], np.uint8) for r in rows}
+    rows = []
+    for name, pipe, sched, n, w, sample_w in cells(teacher, students, [int(s) for s in a.steps.split(",")],
+                                                   [int(s) for s in a.teacher_steps.split(",")],
+                                                   [float(g) for g in a.guidance.split(",")]):
+        t0, fds, accs = time.time(), [], []
+        for seed in seeds:
+            x = pipe.sample_float(labels, n, guidance_scale=sample_w, seed=seed, scheduler=sched)
+            fd, acc = scorer.score(x, labels)
+            fds.append(fd)
+            accs.append(acc)
+            if seed == seeds[0]:
+                grid = digits.to_uint8(np.clip(x, -1, 1).reshape(10, 100, 1, 8, 8)[:, :4].transpose(
+                    1, 0, 2, 3, 4).reshape(40, 1, 8, 8))
+        rows.append(dict(method=name, steps=n, guidance=w, fd=fds, acc=accs, seconds=time.time() - t0,
+                         grid=grid.tolist()))
+        print(f"{name:34s} steps={n:2d} w={w:.1f} FD={np.mean(fds):.3f}±{np.ptp(fds) / 2:.3f} "
+              f"acc={np.mean(accs):.3f}", flush=True)
+    result = dict(floor=floor, clf_acc=scorer.test_accuracy, seeds=seeds, rows=rows)
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1)
     os.makedirs(a.out, exist_ok=True)
-    fig_path = write_figure(grids, os.path.join(a.out, "digits_samples.png"), guidances[0])
-    write_markdown(os.path.join(a.out, "results.md"), rows, floor, clf.test_accuracy, fig_path, seeds)
+    write_table(os.path.join(a.out, "results_table.md"), result)
+    write_fd_plot(os.path.join(a.out, "digits_fd_steps.png"), rows)
+    write_grids(os.path.join(a.out, "digits_samples.png"), rows)
 
 
-def write_figure(grids: dict, path: str, w: float) -> str:
+def _fmt(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.ptp(values) / 2:.3f}"
+
+
+def write_table(path: str, result: dict) -> None:
+    """The markdown table: one row per method and w, FD and accuracy per step count."""
+    rows = result["rows"]
+    steps = sorted({r["steps"] for r in rows})
+    lines = [f"Real-vs-real FD floor: **{result['floor']:.3f}**; classifier accuracy on held-out real digits: "
+             f"{result['clf_acc']:.3f}. Values: mean ± half the range over {len(result['seeds'])} sampling seeds "
+             f"({', '.join(map(str, result['seeds']))}), 1000 samples each.", ""]
+    for metric, key in (("FD ↓", "fd"), ("accuracy ↑", "acc")):
+        lines += ["| method | w | " + " | ".join(f"{metric} {n} steps" for n in steps) + " |",
+                  "|---|---:|" + "---:|" * len(steps)]
+        for name, w in dict.fromkeys((r["method"], r["guidance"]) for r in sorted(rows, key=lambda r: r["guidance"])):
+            by = {r["steps"]: r for r in rows if r["method"] == name and r["guidance"] == w}
+            lines.append(f"| {name} | {w:g} | " + " | ".join(_fmt(by[n][key]) if n in by else "" for n in steps)
+                         + " |")
+        lines.append("")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, path)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({(n, name) for name, n, g in grids if g == w}, key=lambda k: (-k[0], k[1]))
-    ns = sorted({n for n, _ in keys}, reverse=True)
-    names = sorted({name for _, name in keys}, key=lambda s: (not s.startswith("DDIM"), s))
-    fig, axes = plt.subplots(len(names), len(ns), figsize=(2.6 * len(ns), 1.3 * len(names) + 0.4), squeeze=False)
-    for i, name in enumerate(names):
-        for j, n in enumerate(ns):
-            ax = axes[i, j]
-            ax.axis("off")
-            img = grids.get((name, n, w))
-            if img is None:
-                continue
-            grid = np.ones((4 * 9 + 1, 10 * 9 + 1), np.uint8) * 255
-            for k, im in enumerate(img):
-                r, c = divmod(k, 10)
-                grid[1 + r * 9:1 + r * 9 + 8, 1 + c * 9:1 + c * 9 + 8] = 255 - im
-            ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-            ax.set_title(f"{name}, {n} steps", fontsize=7)
-    fig.tight_layout()
+    return plt
+
+
+def _save(fig, path: str) -> None:
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=130)
     os.replace(tmp, path)
-    return path
 
 
-def write_markdown(path: str, rows: list, floor: float, clf_acc: float, fig_path: str, seeds: list) -> None:
-    lines = [
-        "# Digits: PeRFlow vs. teacher DDIM",
-        "",
-        "Generated by `scripts/eval_digits.py`. 1000 samples per cell (100 per class), "
-        f"{len(seeds)} sampling seeds ({', '.join(map(str, seeds))}); value = mean ± half the seed-to-seed range.",
-        "FD: Fréchet distance in the hidden layer (128 ReLU units) of an MLP classifier trained on the real "
-        "training digits, against the 400 held-out real digits (lower is better). Accuracy: that classifier's "
-        "accuracy on the samples w.r.t. the requested class.",
-        "",
-        f"Real-vs-real FD floor (1000 real training digits vs. held-out): **{floor:.3f}**. "
-        f"Classifier accuracy on held-out real digits: {clf_acc:.3f}.",
-        "",
-        "| method | steps | CFG w | FD ↓ | accuracy ↑ |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in sorted(rows, key=lambda r: (r["guidance"], -r["steps"], not r["method"].startswith("DDIM"))):
-        lines.append(f"| {r['method']} | {r['steps']} | {r['guidance']:.1f} | {np.mean(r['fd']):.3f} ± "
-                     f"{np.ptp(r['fd']) / 2:.3f} | {np.mean(r['acc']):.3f} ± {np.ptp(r['acc']) / 2:.3f} |")
-    lines += ["", f"![samples]({os.path.basename(fig_path)})", ""]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+def write_fd_plot(path: str, rows: list[dict]) -> None:
+    """FD against steps (log-log), one line per method, one panel per guidance w; error bars: seed range."""
+    plt = _pyplot()
+    ws = sorted({r["guidance"] for r in rows})
+    fig, axes = plt.subplots(1, len(ws), figsize=(5.5 * len(ws), 4.2), squeeze=False)
+    for ax, w in zip(axes[0], ws, strict=True):
+        for name in dict.fromkeys(r["method"] for r in rows if r["guidance"] == w):
+            pts = sorted((r["steps"], np.mean(r["fd"]), np.ptp(r["fd"]) / 2) for r in rows
+                         if r["method"] == name and r["guidance"] == w)
+            n, m, e = (np.array(v) for v in zip(*pts, strict=True))
+            ax.errorbar(n, m, yerr=e, marker="o", ms=3, capsize=2, label=name,
+                        ls="--" if "teacher" in name else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel("FD (lower is better)")
+        ax.set_title(f"CFG w = {w:g}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def write_grids(path: str, rows: list[dict], steps: tuple[int, ...] = (1, 2, 4, 8)) -> None:
+    """4 samples per class for each method (rows) at each step count (columns), at the first guidance w."""
+    plt = _pyplot()
+    w = min(r["guidance"] for r in rows)
+    grids = {(r["method"], r["steps"]): np.asarray(r["grid"], np.uint8) for r in rows if r["guidance"] == w}
+    names = list(dict.fromkeys(r["method"] for r in rows if r["guidance"] == w))
+    fig, axes = plt.subplots(len(names), len(steps), figsize=(2.6 * len(steps), 1.3 * len(names) + 0.4),
+                             squeeze=False)
+    for i, name in enumerate(names):
+        for j, n in enumerate(steps):
+            ax = axes[i, j]
+            ax.axis("off")
+            img = grids.get((name, n))
+            if img is None:
+                continue
+            canvas = np.full((4 * 9 + 1, 10 * 9 + 1), 255, np.uint8)
+            for k, im in enumerate(img):
+                r, c = divmod(k, 10)
+                canvas[1 + r * 9:1 + r * 9 + 8, 1 + c * 9:1 + c * 9 + 8] = 255 - im
+            ax.imshow(canvas, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.set_title(f"{name}, {n} steps (w={w:g})", fontsize=6)
+    fig.tight_layout()
+    _save(fig, path)
 
 
 if __name__ == "__main__":
