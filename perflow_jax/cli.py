@@ -72,7 +72,8 @@ def _delta_options(args: argparse.Namespace) -> dict:
 
 def _add_model_options(p: argparse.ArgumentParser, *, digits: bool) -> None:
     """--model, --base, --delta (and its options), --lora (shared by sample and generate)."""
-    builtin = "'digits' (built-in PeRFlow model) or 'digits-teacher', " if digits else ""
+    builtin = ("'digits' (built-in PeRFlow model), 'digits-guided' (its CFG-fixed variant) or 'digits-teacher', "
+               if digits else "")
     p.add_argument("--model", required=True,
                    help=f"{builtin}a diffusers-format folder, a Hugging Face repo id (downloaded unless cached or "
                         "HF_HUB_OFFLINE=1), or a single-file .safetensors")
@@ -282,7 +283,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-DIGITS_MODELS = {"digits": "perflow", "digits-teacher": "teacher"}
+DIGITS_MODELS = {"digits": "perflow", "digits-guided": "guided", "digits-teacher": "teacher"}
 
 
 def _cmd_sample_digits(args: argparse.Namespace) -> None:

@@ -115,10 +115,11 @@ def main() -> None:
                          grid=grid.tolist()))
         print(f"{name:34s} steps={n:2d} w={w:.1f} FD={np.mean(fds):.3f}±{np.ptp(fds) / 2:.3f} "
               f"acc={np.mean(accs):.3f}", flush=True)
-    result = dict(floor=floor, clf_acc=scorer.test_accuracy, seeds=seeds, rows=rows)
-    if a.json:
-        with open(a.json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=1)
+        result = dict(floor=floor, clf_acc=scorer.test_accuracy, seeds=seeds, rows=rows)
+        if a.json:  # after every cell: a long evaluation that stops keeps what it measured
+            with open(a.json + ".tmp", "w", encoding="utf-8") as fh:
+                json.dump(result, fh, indent=1)
+            os.replace(a.json + ".tmp", a.json)
     os.makedirs(a.out, exist_ok=True)
     write_table(os.path.join(a.out, "results_table.md"), result)
     write_fd_plot(os.path.join(a.out, "digits_fd_steps.png"), rows)

@@ -1,17 +1,27 @@
 """Train the built-in digits models: the ε-prediction teacher, then PeRFlow students over it.
 
     python scripts/train_digits.py teacher --steps 3000 --out /tmp/digits/teacher          # ~9 min on 2 CPU cores
-    python scripts/train_digits.py student --teacher /tmp/digits/teacher --windows 1 --steps 400 \
-        --out /tmp/digits/k1                                                                 # ~8 min (shipped)
+    # the shipped default student (--model digits): K = 4 windows, 8 teacher steps per window, t on the
+    # window starts and midpoints only (D = 8), ~36 min on 2 shared CPU cores
+    python scripts/train_digits.py student --teacher /tmp/digits/teacher --windows 4 --steps 6000 \
+        --out /tmp/digits/k4 solver.num_steps=8 reflow.discrete_timesteps=8 train.learning_rate=5e-4 \
+        train.warmup_steps=100 train.ema_decay=0.999 train.ema_warmup=true
+    # the shipped CFG-fixed student (--model digits-guided): the same with the teacher at guidance 2
+    python scripts/train_digits.py student --teacher /tmp/digits/teacher --windows 4 --steps 6000 \
+        --out /tmp/digits/k4g solver.num_steps=8 reflow.discrete_timesteps=8 train.learning_rate=5e-4 \
+        train.warmup_steps=100 train.ema_decay=0.999 train.ema_warmup=true reflow.cfg_mode=fixed \
+        reflow.guidance_scale=2.0
+    # the K = 1 and K = 2 students of the quality table
+    python scripts/train_digits.py student --teacher /tmp/digits/teacher --windows 1 --steps 400 --out /tmp/digits/k1
     python scripts/train_digits.py student --teacher /tmp/digits/teacher --windows 2 --steps 1200 \
-        --out /tmp/digits/k2 train.warmup_steps=50                                           # ~30 min
-    python scripts/train_digits.py student --teacher /tmp/digits/teacher --windows 4 --steps 1200 \
-        --out /tmp/digits/k4 solver.num_steps=4 train.warmup_steps=50
-    python scripts/train_digits.py ship --teacher /tmp/digits/teacher --student /tmp/digits/k1
+        --out /tmp/digits/k2 train.warmup_steps=50
+    python scripts/train_digits.py ship --teacher /tmp/digits/teacher --student /tmp/digits/k4 \
+        --guided /tmp/digits/k4g
 
-Everything is seeded: the same command gives the same weights on the same machine. The teacher is a
-plain DDPM ε-objective with class dropout (label 10 = null) and EMA; the student is trained with
-:mod:`perflow_jax.training` (fresh teacher-solved pairs every step).
+``--teacher perflow_jax/assets/digits`` uses the shipped teacher. Everything is seeded: the same command gives
+the same weights on the same machine. The teacher is a plain DDPM ε-objective with class dropout (label 10 =
+null) and EMA; the students are trained with :mod:`perflow_jax.training` (fresh teacher-solved pairs every
+step). ``docs/results.md`` has the quality of each and why the K = 4 recipe trains t on a coarse grid.
 """
 
 from __future__ import annotations
@@ -98,20 +108,29 @@ def train_student(teacher_dir: str, out: str, windows: int, steps: int, override
     return train_from_config(os.path.abspath(cfg), ov)
 
 
-def ship(teacher_dir: str, student_dir: str, assets: str = digits.ASSETS, teacher_guidance: float = 1.0,
-         perflow_guidance: float = 1.0) -> None:
-    """Copy the teacher weights, the student ΔW and configs into the package assets."""
+def ship(teacher_dir: str, student_dir: str, guided_dir: str | None = None, assets: str = digits.ASSETS,
+         teacher_guidance: float = 1.0, perflow_guidance: float = 1.0) -> None:
+    """Copy the teacher weights, the default student's ΔW and scheduler config and, with `guided_dir`, the
+    CFG-fixed student's (sampled without CFG: its guidance is baked in) into the package assets."""
     os.makedirs(assets, exist_ok=True)
-    shutil.copyfile(os.path.join(teacher_dir, "teacher.safetensors"), os.path.join(assets, "teacher.safetensors"))
-    shutil.copyfile(os.path.join(student_dir, "delta_weights.safetensors"),
-                    os.path.join(assets, "perflow_delta.safetensors"))
-    shutil.copyfile(os.path.join(student_dir, "scheduler_config.json"), os.path.join(assets, "scheduler_config.json"))
+    teacher, shipped = os.path.join(teacher_dir, "teacher.safetensors"), os.path.join(assets, "teacher.safetensors")
+    if not (os.path.exists(shipped) and os.path.samefile(teacher, shipped)):  # --teacher may be the assets
+        shutil.copyfile(teacher, shipped)
+    students = {"perflow": student_dir, "guided": guided_dir}
+    for which, folder in students.items():
+        if folder is None:
+            continue
+        prefix = "" if which == "perflow" else "guided_"
+        shutil.copyfile(os.path.join(folder, "delta_weights.safetensors"),
+                        os.path.join(assets, f"{which}_delta.safetensors"))
+        shutil.copyfile(os.path.join(folder, "scheduler_config.json"),
+                        os.path.join(assets, f"{prefix}scheduler_config.json"))
     with open(os.path.join(assets, "unet_config.json"), "w", encoding="utf-8") as f:
         json.dump(digits.UNET_CONFIG.to_dict(), f, indent=1)
     index = dict(teacher_scheduler=dict(digits.SCHEDULE, _class_name="DDIMScheduler", clip_sample=False,
                                         set_alpha_to_one=False, timestep_spacing="trailing",
                                         prediction_type="epsilon"),
-                 teacher_guidance=teacher_guidance, perflow_guidance=perflow_guidance)
+                 teacher_guidance=teacher_guidance, perflow_guidance=perflow_guidance, guided_guidance=1.0)
     with open(os.path.join(assets, "model_index.json"), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1)
 
@@ -132,7 +151,8 @@ def main() -> None:
     s.add_argument("overrides", nargs="*", help="key=value config overrides")
     h = sub.add_parser("ship")
     h.add_argument("--teacher", required=True)
-    h.add_argument("--student", required=True)
+    h.add_argument("--student", required=True, help="the default student (--model digits)")
+    h.add_argument("--guided", default=None, help="the CFG-fixed student (--model digits-guided)")
     h.add_argument("--teacher-guidance", type=float, default=1.0)
     h.add_argument("--perflow-guidance", type=float, default=1.0)
     a = p.parse_args()
@@ -142,7 +162,7 @@ def main() -> None:
     elif a.cmd == "student":
         print(train_student(a.teacher, a.out, a.windows, a.steps, a.overrides))
     else:
-        ship(a.teacher, a.student, teacher_guidance=a.teacher_guidance, perflow_guidance=a.perflow_guidance)
+        ship(a.teacher, a.student, a.guided, teacher_guidance=a.teacher_guidance, perflow_guidance=a.perflow_guidance)
 
 
 if __name__ == "__main__":

@@ -499,8 +499,8 @@ _NAN_DELTA = _tensors("nan.safetensors", conv_in__weight=np.array([1.0, np.nan],
 
 NUMBER_ROWS: list[Row] = [
     # 1. PeRFlow step counts beyond what the windows hold (timestep 0 in the last window divides by zero)
-    Row("digits-steps-1001", r"num_inference_steps=1001 is too many .* at most 1000 steps",
-        argv=("sample", "--model", "digits", "--prompt", "3", "--steps", "1001", "--out", "{out}")),
+    Row("digits-steps-1004", r"num_inference_steps=1004 is too many .* at most 1003 steps",
+        argv=("sample", "--model", "digits", "--prompt", "3", "--steps", "1004", "--out", "{out}")),
     Row("sd-steps-10000", r"num_inference_steps=10000 is too many .* at most 1003 steps",
         argv=(*_SAMPLE_TINY, "--steps", "10000")),
     Row("perflow-set-timesteps-1004", r"at most 1003 steps", call=_perflow_steps(1004)),

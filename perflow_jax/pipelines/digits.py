@@ -131,20 +131,22 @@ class DigitsPipeline:
 
     @classmethod
     def from_builtin(cls, which: str = "perflow", assets: str = ASSETS) -> DigitsPipeline:
-        """Load the shipped weights: "perflow" (teacher + ΔW merged) or "teacher"."""
+        """Load the shipped weights: "perflow" (the default student: teacher + ΔW merged), "guided" (the
+        CFG-fixed student, distilled from the teacher at guidance w and sampled without CFG) or "teacher"."""
         from perflow_jax.delta import load_delta, merge
 
-        if which not in ("perflow", "teacher"):
-            raise ValueError(f"which must be 'perflow' or 'teacher', got {which!r}.")
+        if which not in ("perflow", "guided", "teacher"):
+            raise ValueError(f"which must be 'perflow', 'guided' or 'teacher', got {which!r}.")
         teacher = load_unet_weights(os.path.join(assets, "teacher.safetensors"))
         with open(os.path.join(assets, "model_index.json"), encoding="utf-8") as f:
             index = json.load(f)
         if which == "teacher":
             return cls(teacher, index["teacher_scheduler"], "ddim", index.get("teacher_guidance", 1.0))
-        delta = load_delta(os.path.join(assets, "perflow_delta.safetensors"), teacher)
-        with open(os.path.join(assets, "scheduler_config.json"), encoding="utf-8") as f:
+        prefix = "" if which == "perflow" else "guided_"
+        delta = load_delta(os.path.join(assets, f"{which}_delta.safetensors"), teacher)
+        with open(os.path.join(assets, f"{prefix}scheduler_config.json"), encoding="utf-8") as f:
             sched = json.load(f)
-        return cls(merge(teacher, delta), sched, "perflow", index.get("perflow_guidance", 1.0))
+        return cls(merge(teacher, delta), sched, "perflow", index.get(f"{which}_guidance", 1.0))
 
     def make_scheduler(self, name: str) -> schedulers.Scheduler:
         """The named scheduler over this model's noise schedule (PeRFlow settings from its config)."""
