@@ -8,10 +8,12 @@ device with remat on/off and FSDP on/off. Same machine, one run.
    outputs + temporaries − aliased donated buffers) for train.remat none/full/dots and train.sharding
    replicated/fsdp over ``--devices`` devices (forced host devices on CPU).
 
-Models (random weights, nothing downloaded): ``tiny`` (scripts/configs/tiny/unet.json), ``sd15-small`` (SD1.5's
+Models (random weights, nothing downloaded): ``digits`` (the built-in 8×8 model's UNet, class labels),
+``tiny`` (scripts/configs/tiny/unet.json), ``sd15-small`` (SD1.5's
 UNet layout with channels 128-256-512-512, the issue's CPU model), ``sd15`` (the real SD1.5 UNet; GPU/TPU).
 
-Usage:  python scripts/bench_train.py --preset tiny --latent 16 --batch 2 --devices 4
+Usage:  python scripts/bench_train.py --preset digits --latent 8 --batch 128 --solver-steps 4 --remat none
+        python scripts/bench_train.py --preset tiny --latent 16 --batch 2 --devices 4
         python scripts/bench_train.py --preset sd15-small --latent 32 --batch 1 --devices 4
         python scripts/bench_train.py --preset sd15 --latent 64 --batch 8 --dtype bfloat16      (GPU/TPU)
 """
@@ -33,6 +35,10 @@ def unet_config(preset: str) -> Any:
     from perflow_jax.models.single_file import family_config
     from perflow_jax.models.unet import UNetConfig
 
+    if preset == "digits":
+        from perflow_jax.pipelines import digits
+
+        return digits.UNET_CONFIG
     if preset == "tiny":
         with open(os.path.join(ROOT, "scripts", "configs", "tiny", "unet.json"), encoding="utf-8") as f:
             return UNetConfig.from_dict(json.load(f))
@@ -65,7 +71,7 @@ def memory(compiled: Any) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=("tiny", "sd15-small", "sd15"), default="tiny")
+    p.add_argument("--preset", choices=("digits", "tiny", "sd15-small", "sd15"), default="tiny")
     p.add_argument("--latent", type=int, default=16, help="latent height = width")
     p.add_argument("--batch", type=int, default=2, help="global batch (split over the devices)")
     p.add_argument("--solver-steps", type=int, default=8, help="teacher DDIM steps per window (solver.num_steps)")
@@ -73,6 +79,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--devices", type=int, default=1, help="forced host devices on CPU (set before JAX starts)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-time", action="store_true", help="memory figures only")
+    p.add_argument("--remat", default="none,full,dots", help="train.remat values whose memory to measure")
+    p.add_argument("--sharding", default="replicated,fsdp", help="train.sharding values whose memory to measure "
+                   "(fsdp only with several devices)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
     if args.devices > 1:
@@ -99,9 +108,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     b, lat = args.batch, args.latent
     x = rng.standard_normal((1, b, ucfg.in_channels, lat, lat)).astype(np.float32)  # one micro-batch
-    ctx = rng.standard_normal((1, b, 77, ucfg.encoder_dim)).astype(np.float32)
-    cond, null = UNetCondition(encoder_hidden_states=ctx), UNetCondition(encoder_hidden_states=np.zeros(
-        (77, ucfg.encoder_dim), np.float32))
+    if args.preset == "digits":  # class labels (10 = null) instead of text embeddings
+        cond = UNetCondition(class_labels=rng.integers(0, 10, (1, b)).astype(np.int32))
+        null = UNetCondition(class_labels=np.int32(10))
+    else:
+        ctx = rng.standard_normal((1, b, 77, ucfg.encoder_dim)).astype(np.float32)
+        cond = UNetCondition(encoder_hidden_states=ctx)
+        null = UNetCondition(encoder_hidden_states=np.zeros((77, ucfg.encoder_dim), np.float32))
     tx = train_lib.make_optimizer(cfg["train"])
     key = jax.random.key(0)
     report: dict[str, Any] = {"preset": args.preset, "params_m": n_params / 1e6, "latent": lat, "batch": b,
@@ -123,9 +136,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return jitted.lower(*inputs).compile(), inputs
 
     mem = {}
-    modes = ["replicated"] + (["fsdp"] if jax.device_count() > 1 else [])
+    modes = [m for m in args.sharding.split(",") if m and (m != "fsdp" or jax.device_count() > 1)]
     for mode in modes:
-        for remat in ("none", "full", "dots"):
+        for remat in [r for r in args.remat.split(",") if r]:
             compiled, _ = compiled_step(remat, mode)
             mem[f"{mode}/remat={remat}"] = memory(compiled)
             print(f"memory {mode:10s} remat={remat:5s}: " + json.dumps({k: round(v, 1) for k, v in
@@ -149,12 +162,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         t_step = timed(step_once, repeats=args.repeats)
         apply_fn = train_lib.make_apply_fn(ucfg, dtype)
-        teacher_fn = lambda xt, t, c: apply_fn(teacher_d, xt, t, c)  # noqa: E731
-        solve = jax.jit(lambda x0, c, n, k: reflow.make_batch(rcfg, teacher_fn, x0, c, n, k))
+        # the teacher is an argument here too (as in the step), not constants baked into the program
+        solve = jax.jit(lambda p, x0, c, n, k: reflow.make_batch(
+            rcfg, lambda xt, t, cc: apply_fn(p, xt, t, cc), x0, c, n, k))
         xc = jax.tree_util.tree_map(lambda a: a[0], (xd, cd))
         k1 = jax.random.fold_in(key, 1)
-        t_solve = timed(solve, xc[0], xc[1], nd, k1, repeats=args.repeats)
-        batch = solve(xc[0], xc[1], nd, k1)
+        t_solve = timed(solve, teacher_d, xc[0], xc[1], nd, k1, repeats=args.repeats)
+        batch = solve(teacher_d, xc[0], xc[1], nd, k1)
         fwd_bwd = jax.jit(jax.value_and_grad(lambda p, bt: reflow.loss(rcfg, apply_fn, p, bt)))
         t_fb = timed(fwd_bwd, teacher_d, batch, repeats=args.repeats)
         report["time_s"] = {"step": t_step, "teacher_solve": t_solve, "student_fwd_bwd": t_fb,
