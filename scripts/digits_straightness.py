@@ -101,20 +101,17 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=None, help="default: fixed-CFG students' training w, else 1")
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    from perflow_jax.delta import load_delta, merge
+    from eval_digits import load_student  # scripts/ is on the path when this script runs
 
     teacher = digits.load_unet_weights(os.path.join(a.teacher or digits.ASSETS, "teacher.safetensors"))
     report = {}
     for spec in a.student:
-        name, folder = spec.split("=", 1)
-        with open(os.path.join(folder, "scheduler_config.json"), encoding="utf-8") as f:
-            sched = json.load(f)
-        with open(os.path.join(folder, "train_config.json"), encoding="utf-8") as f:
-            tcfg = json.load(f)
+        name, folder = spec.rsplit("=", 1)
+        pipe, tcfg = load_student(teacher, folder)
+        sched, student = pipe.scheduler_config, pipe.params
         steps = a.solver_steps or tcfg["solver"]["num_steps"]
         fixed = tcfg["reflow"]["cfg_mode"] == "fixed"
         w = a.guidance if a.guidance is not None else (tcfg["reflow"]["guidance_scale"] if fixed else 1.0)
-        student = merge(teacher, load_delta(os.path.join(folder, "delta_weights.safetensors"), teacher))
         sw = 1.0 if fixed else w
         rows = window_errors(teacher, student, sched, steps, a.ref_steps, a.n, guidance=w, student_guidance=sw)
         print(f"{name}: K={len(rows)}, solver {steps} steps/window, w={w}; RMS to the converged window end")

@@ -120,11 +120,9 @@ def ship(teacher_dir: str, student_dir: str, guided_dir: str | None = None, asse
     for which, folder in students.items():
         if folder is None:
             continue
-        prefix = "" if which == "perflow" else "guided_"
-        shutil.copyfile(os.path.join(folder, "delta_weights.safetensors"),
-                        os.path.join(assets, f"{which}_delta.safetensors"))
-        shutil.copyfile(os.path.join(folder, "scheduler_config.json"),
-                        os.path.join(assets, f"{prefix}scheduler_config.json"))
+        delta_file, sched_file = digits.STUDENT_ASSETS[which]
+        shutil.copyfile(os.path.join(folder, "delta_weights.safetensors"), os.path.join(assets, delta_file))
+        shutil.copyfile(os.path.join(folder, "scheduler_config.json"), os.path.join(assets, sched_file))
     with open(os.path.join(assets, "unet_config.json"), "w", encoding="utf-8") as f:
         json.dump(digits.UNET_CONFIG.to_dict(), f, indent=1)
     index = dict(teacher_scheduler=dict(digits.SCHEDULE, _class_name="DDIMScheduler", clip_sample=False,

@@ -34,6 +34,9 @@ NULL_CLASS = 10
 IMAGE_SIZE = 8
 CONTEXT_DIM = 8
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
+# The shipped students' files in ASSETS: ΔW and scheduler config (written by scripts/train_digits.py ship).
+STUDENT_ASSETS = {"perflow": ("perflow_delta.safetensors", "scheduler_config.json"),
+                  "guided": ("guided_delta.safetensors", "guided_scheduler_config.json")}
 DIGITS_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits.npz")
 
 UNET_CONFIG = UNetConfig(
@@ -142,9 +145,9 @@ class DigitsPipeline:
             index = json.load(f)
         if which == "teacher":
             return cls(teacher, index["teacher_scheduler"], "ddim", index.get("teacher_guidance", 1.0))
-        prefix = "" if which == "perflow" else "guided_"
-        delta = load_delta(os.path.join(assets, f"{which}_delta.safetensors"), teacher)
-        with open(os.path.join(assets, f"{prefix}scheduler_config.json"), encoding="utf-8") as f:
+        delta_file, sched_file = STUDENT_ASSETS[which]
+        delta = load_delta(os.path.join(assets, delta_file), teacher)
+        with open(os.path.join(assets, sched_file), encoding="utf-8") as f:
             sched = json.load(f)
         return cls(merge(teacher, delta), sched, "perflow", index.get(f"{which}_guidance", 1.0))
 
